@@ -1,0 +1,15 @@
+"""Train a GPT: `python scripts/train.py model=small trainer.max_steps=50` (see conf/train.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from gpt2lab.train import train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2lab.config import check_config, grad_accum_steps
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float:
+    """Instantiate data, module, callbacks, loggers and Trainer from `cfg`, fit, and return the final
+    val/loss (the metric a sweeper minimizes)."""
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+    log.info("using device: %s (precision %s)", cfg.accelerator.name, cfg.accelerator.precision)
+    if cfg.accelerator.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=[instantiate(c) for c in cfg.callbacks.values()],
+        logger=[instantiate(lg) for lg in cfg.logger.values()],
+    )
+    # derived once here: both need the world size, which the Trainer knows only once built
+    accum = grad_accum_steps(cfg.train.total_batch_size, cfg.data.batch_size, cfg.data.seq_len, trainer.world_size)
+    log.info("gradient accumulation steps: %d (world size %d)", accum, trainer.world_size)
+    trainer.accumulate_grad_batches = accum
+    trainer.val_check_interval = cfg.train.val_every_n_steps * accum  # Lightning counts micro-batches
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if trainer.global_step % cfg.train.val_every_n_steps:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final val/loss is of the final weights
+    val_loss = float(trainer.callback_metrics["val/loss"])
+    log.info("final val/loss %.4f; run dir %s", val_loss, output_dir)
+    return val_loss

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One data dir for the session; Tiny Shakespeare is prepared into it by the first run that needs it
+    (copied from $GPT2LAB_TINYSHAKESPEARE when set, as in CI, else downloaded)."""
+    return Path(os.environ.get("GPT2LAB_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def compose_train(tmp_path, data_dir):
+    """Compose conf/train.yaml as `scripts/train.py` would, with the run dir in tmp_path."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}", *overrides],
+            )
+
+    return _compose

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from gpt2lab.model import GPTConfig
+from gpt2lab.train import train
+
+GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra")
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {"model", "init", "accelerator", "data", "optim", "scheduler", "trainer", "logger", "callbacks"} <= set(GROUPS)
+    assert {o for g, o in OPTIONS if g == "model"} == {"tiny", "small", "medium", "large", "xl"}
+    assert {o for g, o in OPTIONS if g == "accelerator"} == {"auto", "cpu", "cuda", "mps"}
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_of_every_group_composes_and_resolves(compose_train, group, option):
+    cfg = compose_train(f"{group}={option}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation has a value
+    assert resolved[group] is not None
+    assert isinstance(instantiate(cfg.model), GPTConfig)
+    assert callable(instantiate(cfg.init)) and callable(instantiate(cfg.optim)) and callable(instantiate(cfg.scheduler))
+
+
+def test_auto_accelerator_picks_cpu_here_with_full_precision(compose_train):
+    acc = compose_train("accelerator=auto").accelerator
+    assert (acc.name, acc.precision, acc.compile) == ("cpu", "32-true", False)
+    assert compose_train().trainer.accelerator == "cpu"
+
+
+@pytest.mark.parametrize(
+    "device, precision, compile",
+    [("cuda", "bf16-mixed", True), ("mps", "32-true", False), ("cpu", "32-true", False)],
+)
+def test_each_accelerator_sets_the_trainer_and_a_precision_that_works_there(compose_train, device, precision, compile):
+    cfg = compose_train(f"accelerator={device}")
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.module.compile) == (device, precision, compile)
+
+
+def test_accelerator_settings_can_be_overridden(compose_train):
+    cfg = compose_train("accelerator=cuda", "accelerator.compile=false", "accelerator.precision=16-mixed")
+    assert (cfg.trainer.precision, cfg.module.compile) == ("16-mixed", False)
+
+
+def test_unknown_group_option_lists_the_choices(compose_train):
+    with pytest.raises(ConfigCompositionException, match="Could not find 'model/smal'") as e:
+        compose_train("model=smal")
+    assert "small" in str(e.value) and "tiny" in str(e.value)
+
+
+def test_unknown_key_is_refused(compose_train):
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_train("trainer.max_stepz=5")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=tiny", "data.seq_len=512"], "data.seq_len=512 is longer than model.block_size=256"),
+        (["optim.lr=0"], "optim.lr=0"),
+        (["model=tiny", "model.n_head=3"], "n_embd=128 is not divisible by model.n_head=3"),
+        (["model=tiny", "train.total_batch_size=1000"], "train.total_batch_size=1000 is not divisible by"),
+    ],
+)
+def test_inconsistent_config_fails_before_training_starts(compose_train, overrides, message, tmp_path):
+    cfg = compose_train("trainer.max_steps=2", *overrides)
+    with pytest.raises((ValueError, InstantiationException), match=message):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

@@ -1,0 +1,92 @@
+"""End-to-end runs of the real entry points on CPU: a Trainer, Hydra, TensorBoard files, checkpoints."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT
+from gpt2lab.train import train
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_train_loss.json"
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard itself reads back from the run's event files."""
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    run_dir = tmp_path_factory.mktemp("run")
+    overrides = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=30"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return run_dir, train(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_logs_every_step_to_tensorboard(tiny_run):
+    run_dir, val_loss = tiny_run
+    logged = scalars(run_dir)
+    loss = logged["train/loss"]
+    assert [s for s, _ in loss] == list(range(30))  # one point per optimizer step
+    assert [s for s, _ in logged["lr"]] == list(range(30))
+    assert abs(loss[0][1] - math.log(50257)) < 0.3
+    assert sum(v for _, v in loss[-5:]) / 5 < loss[0][1] - 1.5
+    # validation every 25 steps (inside fit, Lightning logs it at step 24) and once more after step 30
+    assert [s for s, _ in logged["val/loss"]] == [24, 30]
+    assert val_loss == pytest.approx(logged["val/loss"][-1][1]) and val_loss < loss[0][1] - 1.5
+
+
+@pytest.mark.slow
+def test_tiny_run_matches_the_golden_loss_curve(tiny_run):
+    """Guards the model, init, data order and optimizer against silent change. After an intended change,
+    regenerate with GPT2LAB_UPDATE_GOLDEN=1 and say why in the commit."""
+    run_dir, _ = tiny_run
+    losses = [v for _, v in scalars(run_dir)["train/loss"][:20]]
+    if os.environ.get("GPT2LAB_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"model": "tiny", "seed": 1337, "train_loss": losses}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())["train_loss"]
+    assert losses == pytest.approx(golden, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_tiny_run_leaves_config_and_a_loadable_checkpoint(tiny_run):
+    run_dir, _ = tiny_run
+    assert "name: cpu" in (run_dir / "resolved_config.yaml").read_text()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 30 and ckpt["gpt2lab_format"] == 1
+    assert ckpt["hyper_parameters"]["model"]["n_layer"] == 4
+    assert ckpt["state_dict"]["model.transformer.wte.weight"].shape == (50257, 128)
+    assert "model.lm_head.weight" in ckpt["state_dict"]
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_run_its_own_dir_and_tensorboard_run(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "scripts/train.py", "-m", "model=tiny", "optim.lr=3e-4,1e-3", "trainer.max_steps=3",
+        "data.seq_len=64", f"hydra.sweep.dir={sweep_dir}", f"paths.data_dir={data_dir}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [r.name for r in runs] == ["0", "1"]
+    for run, lr in zip(runs, ["0.0003", "0.001"]):
+        assert f"optim.lr={lr}" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert [s for s, _ in scalars(run)["train/loss"]] == [0, 1, 2]
+        assert (run / "checkpoints" / "last.ckpt").exists()
