@@ -3,6 +3,8 @@
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2lab.fastpath import cpu_default_precision
+
 
 def detect_device() -> str:
     """cuda if available, else mps, else cpu: build-nanogpt's detection order."""
@@ -14,6 +16,7 @@ def detect_device() -> str:
 
 
 OmegaConf.register_new_resolver("gpt2lab.device", detect_device, replace=True)
+OmegaConf.register_new_resolver("gpt2lab.cpu_precision", cpu_default_precision, replace=True)
 
 
 def check_config(cfg: DictConfig) -> None:

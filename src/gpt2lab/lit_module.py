@@ -42,6 +42,7 @@ class GPTModule(L.LightningModule):
         self.model = GPT(config)
         init_weights(self.model)
         self.make_optimizer, self.lr_schedule, self.compile_model = optimizer, lr_schedule, compile
+        self.step_losses: list[torch.Tensor] = []  # of the micro-batches of the current optimizer step
 
     def configure_model(self) -> None:
         if self.compile_model:
@@ -51,9 +52,15 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self.model(x, y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.step_losses.append(loss.detach())  # logged once per optimizer step, in on_before_optimizer_step
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # Lightning calls this after backward (and AMP unscaling), before gradient clipping
+        # an optimizer step's loss is the mean over its micro-batches (gradient accumulation)
+        self.log("train/loss", torch.stack(self.step_losses).mean(), prog_bar=True)
+        self.step_losses.clear()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

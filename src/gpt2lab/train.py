@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.config import check_config, grad_accum_steps
+from gpt2lab.fastpath import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ def train(cfg: DictConfig) -> float:
     log.info("using device: %s (precision %s)", cfg.accelerator.name, cfg.accelerator.precision)
     if cfg.accelerator.matmul_precision:
         torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
+    if cfg.accelerator.malloc:
+        tune_malloc(**cfg.accelerator.malloc)
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)

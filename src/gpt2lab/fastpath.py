@@ -1,0 +1,67 @@
+"""The speed levers that are not Trainer arguments: which CPUs get bf16 autocast by default, glibc's
+allocator settings, and the peak FLOP/s of a device that MFU divides by."""
+
+import ctypes
+import logging
+import platform
+import time
+from functools import cache
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# glibc's <malloc.h> parameter numbers for mallopt
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+def cpu_has_native_bf16() -> bool:
+    """x86 CPUs with AVX512-BF16 or AMX multiply bf16 in hardware; on others PyTorch emulates it, and
+    autocast to bf16 is slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_default_precision() -> str:
+    """The Trainer precision for CPU runs (resolver `gpt2lab.cpu_precision`)."""
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def tune_malloc(mmap_max: int, trim_threshold: int) -> bool:
+    """Set glibc's allocator parameters for this process (as GLIBC_TUNABLES would at exec time).
+
+    By default glibc serves each large block (activations, gradients) with its own mmap and gives it back
+    to the OS on free, so every training step pays page faults and zeroing again for the same sizes.
+    mmap_max=0 serves them from the heap; a high trim_threshold keeps freed heap memory for reuse. The
+    price: the process keeps its peak memory. Returns False (and changes nothing) where libc is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        log.info("malloc settings skipped: libc is not glibc (%s)", platform.libc_ver()[0] or platform.system())
+        return False
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+    if not ok:
+        raise ValueError(
+            f"glibc mallopt refused accelerator.malloc={{mmap_max: {mmap_max}, trim_threshold: {trim_threshold}}}: "
+            "both must be non-negative ints below 2^31, or set accelerator.malloc=null"
+        )
+    log.info("glibc malloc: mmap_max=%d, trim_threshold=%d", mmap_max, trim_threshold)
+    return True
+
+
+@cache
+def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n×n matmuls on this device at `dtype`: the ceiling a CPU reaches in
+    practice, where no datasheet figure applies. Measured once per process."""
+    a = torch.randn(n, n, device=device_type, dtype=dtype)
+    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
