@@ -1,4 +1,5 @@
-"""GPT-2 in plain PyTorch: attention, MLP, Block, config, GPT, and the weight init.
+"""GPT-2 in plain PyTorch: attention, MLP, Block, the key/value cache for generation, config, GPT,
+and the weight init.
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, ...) so that weights map
 one to one; their Conv1D layers store (in, out) where our nn.Linear stores (out, in).
@@ -20,15 +21,24 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
         q, k, v = self.c_attn(x).split(C, dim=2)
         # each head attends in its own hs = C / n_head subspace
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q·kᵀ/√hs + causal mask)·v; flash attention where the backend has it
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        start = 0 if kv_cache is None else kv_cache.pos  # position of x's first token
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs): the cached prefix, then these T
+        if start == 0:
+            # softmax(q·kᵀ/√hs + causal mask)·v; flash attention where the backend has it
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            # query i sits at position start + i and sees keys 0..start + i; is_causal would align the
+            # mask at the top-left corner instead, as if the queries were the first T positions
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -52,11 +62,35 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         # pre-LayerNorm: the residual stream itself is never normalized, only each branch's input
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class KVCache:
+    """The keys and values of every layer for the positions already run, so that generating a token
+    runs the model on that one position, not the whole context: attention still sees every position.
+    Filled by GPT.forward(idx, kv_cache=...); one cache per sequence batch, up to block_size positions."""
+
+    def __init__(self, config: "GPTConfig"):
+        self.block_size = config.block_size
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * config.n_layer
+        self.pos = 0  # positions 0..pos-1 are cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values (B, nh, T, hs) of the T positions from self.pos on; return those of all
+        positions so far. GPT.forward advances self.pos once every layer has stored its own."""
+        if self.layers[layer] is None:
+            # allocated whole on first use, in the dtype autocast gives k and v: appending never copies
+            B, nh, _, hs = k.shape
+            self.layers[layer] = (k.new_empty(B, nh, self.block_size, hs), v.new_empty(B, nh, self.block_size, hs))
+        cache_k, cache_v = self.layers[layer]
+        end = self.pos + k.size(2)
+        cache_k[:, :, self.pos : end] = k
+        cache_v[:, :, self.pos : end] = v
+        return cache_k[:, :, :end], cache_v[:, :, :end]
 
 
 @dataclass
@@ -104,24 +138,38 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of idx (B, T), and the mean cross-entropy against targets if given.
+        With a kv_cache, idx continues the sequence cached so far: its tokens sit at positions
+        kv_cache.pos onwards, and their keys and values are added to the cache."""
         B, T = idx.size()
-        if T > self.config.block_size:
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence of length {T} is longer than the context, block_size={self.config.block_size}: "
+                f"sequence of length {start + T} is longer than the context, block_size={self.config.block_size}: "
                 "shorten it (e.g. keep its last block_size tokens)"
             )
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str) -> "GPT":
+        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local
+        `save_pretrained` directory; see gpt2lab.hf (it needs `transformers`, the only place that does)."""
+        from gpt2lab.hf import load_pretrained
+
+        return load_pretrained(name_or_dir)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied embedding too); non_embedding drops the position

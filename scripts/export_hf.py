@@ -1,0 +1,23 @@
+"""Export a checkpoint to Hugging Face: `python scripts/export_hf.py ckpt=outputs/runs/<run> out=gpt2-mine`
+(see conf/export_hf.yaml); then `transformers.GPT2LMHeadModel.from_pretrained("gpt2-mine")`."""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from gpt2lab.hf import export_hf
+from gpt2lab.sample import load_checkpoint, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export_hf")
+def main(cfg: DictConfig) -> None:
+    path = resolve_checkpoint(cfg.ckpt, cfg.runs_dir)
+    out = export_hf(load_checkpoint(path), cfg.out)
+    log.info("exported %s to %s", path, out.resolve())
+
+
+if __name__ == "__main__":
+    main()
