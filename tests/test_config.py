@@ -66,6 +66,9 @@ def test_unknown_key_is_refused(compose_train):
         (["optim.lr=0"], "optim.lr=0"),
         (["model=tiny", "model.n_head=3"], "n_embd=128 is not divisible by model.n_head=3"),
         (["model=tiny", "train.total_batch_size=1000"], "train.total_batch_size=1000 is not divisible by"),
+        (["trainer.max_steps=abc"], "trainer.max_steps='abc': expected an integer"),
+        (["data.batch_size=1.5"], "data.batch_size=1.5: expected an integer"),
+        (["optim.lr=fast"], "optim.lr='fast': expected a number"),
     ],
 )
 def test_inconsistent_config_fails_before_training_starts(compose_train, overrides, message, tmp_path):
