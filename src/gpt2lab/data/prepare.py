@@ -1,20 +1,27 @@
-"""Sources → token shards: tokenize documents with GPT-2's BPE, each prefixed by <|endoftext|>,
-split off validation, write shards, count which token ids the training split uses, and record it
-all in a manifest so that preparing twice does nothing."""
+"""Sources → token shards: tokenize documents with GPT-2's BPE, each prefixed by <|endoftext|>, in a
+pool of processes, cut the token stream into fixed-size shards, split off validation, count which
+token ids the training split uses, and record it all in a manifest so that preparing twice does nothing.
+
+Memory stays at about one shard whatever the corpus size: documents stream through the pool and
+shards are written as they fill.
+"""
 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import tiktoken
+from tqdm import tqdm
 
-from gpt2lab.data.shards import write_shard
+from gpt2lab.data.shards import open_shard, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,74 @@ class TinyShakespeare:
         yield path.read_text(encoding="utf-8")  # one document
 
 
+
+class TextFiles:
+    """Local text: `path` is a .txt file, a directory (its .txt files, recursively, in sorted order) or a
+    list of them; each file is one document."""
+
+    def __init__(self, path: str | list[str] | None):
+        fix = "set data.source.path=<a .txt file or a directory of them>"
+        if not path:
+            raise ValueError(f"data.source.path is not set: {fix}")
+        self.files: list[Path] = []
+        for p in map(Path, [path] if isinstance(path, str) else path):
+            if p.is_dir():
+                self.files += sorted(p.rglob("*.txt"))
+            elif p.is_file():
+                self.files.append(p)
+            else:
+                raise FileNotFoundError(f"data.source.path: {p} does not exist; {fix}")
+        if not self.files:
+            raise ValueError(f"data.source.path={path} holds no .txt files; {fix}")
+
+    def describe(self) -> dict:
+        # names, sizes and modification times: an edited file makes the shards out of date
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+        fingerprint = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+        return {"name": "text", "files": len(stats), "bytes": sum(s[1] for s in stats), "fingerprint": fingerprint}
+
+    def documents(self, data_dir: Path) -> Iterator[str]:
+        for f in self.files:
+            try:
+                yield f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{f} is not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 4]!r}): convert it, "
+                    "e.g. `iconv -f latin1 -t utf-8`, or leave it out of data.source.path"
+                ) from e
+
+
+class HFDataset:
+    """A Hugging Face `datasets` text data set, streamed (nothing but the shards lands on disk), e.g.
+    FineWeb-Edu. `path="json"` / `"parquet"` with `data_files` reads local files through the same code."""
+
+    def __init__(
+        self, path: str, name: str | None = None, split: str = "train", text_field: str = "text", data_files=None
+    ):
+        self.path, self.name, self.split, self.text_field, self.data_files = path, name, split, text_field, data_files
+
+    def describe(self) -> dict:
+        return {"name": "hf", "path": self.path, "config": self.name, "split": self.split, "data_files": self.data_files}
+
+    def documents(self, data_dir: Path) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError as e:
+            raise RuntimeError(
+                f"data set {self.path} is read with Hugging Face `datasets`: pip install -e \".[data]\""
+            ) from e
+        stream = datasets.load_dataset(
+            self.path, name=self.name, split=self.split, data_files=self.data_files, streaming=True
+        )
+        for row in stream:
+            if self.text_field not in row:
+                raise KeyError(
+                    f"{self.path} rows have no field {self.text_field!r} (they have {sorted(row)}): "
+                    "set data.source.text_field"
+                )
+            yield row[self.text_field]
+
+
 def gpt2_encoding() -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding(TOKENIZER)
@@ -70,48 +145,144 @@ def gpt2_encoding() -> tiktoken.Encoding:
         ) from e
 
 
-def tokenize(documents: Iterator[str]) -> np.ndarray:
-    """GPT-2 BPE ids of all documents, each prefixed with <|endoftext|> (the document delimiter)."""
-    enc = gpt2_encoding()
-    ids: list[int] = []
-    for doc in documents:
-        ids.append(enc.eot_token)
-        ids.extend(enc.encode_ordinary(doc))
-    return np.array(ids, dtype=np.uint16)
+def encode_document(text: str) -> np.ndarray:
+    """<|endoftext|> (the document delimiter), then the document's GPT-2 BPE ids, as uint16."""
+    enc = gpt2_encoding()  # cached by tiktoken: loaded once per process
+    ids = enc.encode_ordinary(text)
+    tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+    tokens[0] = enc.eot_token
+    tokens[1:] = ids
+    return tokens
 
 
-def prepare(source, data_dir: str | os.PathLike, val_fraction: float, shard_size: int) -> Path:
-    """Tokenize `source` into `data_dir`, unless the manifest says it is already done with these settings.
+def encode_documents(documents: Iterable[str], num_proc: int) -> Iterator[np.ndarray]:
+    """Each document's tokens, in document order, encoded by `num_proc` processes."""
+    if num_proc == 1:
+        yield from map(encode_document, documents)
+        return
+    with multiprocessing.Pool(num_proc) as pool:
+        # chunks of documents amortize the inter-process traffic; imap keeps the order and streams
+        yield from pool.imap(encode_document, documents, chunksize=16)
 
-    The last `val_fraction` of the token stream is validation (the convention for Tiny Shakespeare).
+
+class ShardWriter:
+    """Cuts a token stream into shards of `shard_size` tokens, the first `val_shards` named val_NNNNNN.bin,
+    the rest train_NNNNNN.bin, and counts the token ids of the train shards as they are written."""
+
+    def __init__(self, data_dir: Path, shard_size: int, val_shards: int, n_vocab: int):
+        self.data_dir, self.shard_size, self.val_shards, self.n_vocab = data_dir, shard_size, val_shards, n_vocab
+        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        self.filled = 0
+        self.written: dict[str, list[Path]] = {"val": [], "train": []}
+        self.tokens = {"train": 0, "val": 0}
+        self.train_token_counts = np.zeros(n_vocab, dtype=np.int64)
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            n = min(len(tokens), self.shard_size - self.filled)
+            self.buffer[self.filled : self.filled + n] = tokens[:n]
+            self.filled, tokens = self.filled + n, tokens[n:]
+            if self.filled == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        split = "val" if len(self.written["val"]) < self.val_shards else "train"
+        path = self.data_dir / f"{split}_{len(self.written[split]):06d}.bin"
+        tokens = self.buffer[: self.filled]
+        write_shard(path, tokens)
+        if split == "train":
+            self.train_token_counts += np.bincount(tokens, minlength=self.n_vocab)
+        self.written[split].append(path)
+        self.tokens[split] += self.filled
+        self.filled = 0
+
+    def move_tail_to_val(self, n_val: int) -> None:
+        """Make the last `n_val` tokens of the train shards the val split, one shard in memory at a time."""
+        train_paths, self.written["train"] = self.written["train"], []
+        cut, start = self.tokens["train"] - n_val, 0
+        self.val_shards = sys.maxsize  # every shard written from here is val
+        for path in train_paths:
+            n = len(open_shard(path))
+            if start + n > cut:
+                tokens = np.array(open_shard(path))  # a copy: the file is rewritten below
+                keep = max(cut - start, 0)
+                self.train_token_counts -= np.bincount(tokens[keep:], minlength=self.n_vocab)
+                self.add(tokens[keep:])
+                if keep:
+                    write_shard(path, tokens[:keep])
+                else:
+                    path.unlink()
+            if start < cut:
+                self.written["train"].append(path)
+            start += n
+        self.flush()
+        self.tokens = {"train": cut, "val": n_val}
+
+
+def remove_shards(data_dir: Path) -> None:
+    """Delete what prepare writes (never the source text cached beside it)."""
+    for pattern in ("train_*.bin", "val_*.bin", "*.tmp", MANIFEST, TRAIN_TOKEN_COUNTS):
+        for path in data_dir.glob(pattern):
+            path.unlink()
+
+
+def prepare(
+    source,
+    data_dir: str | os.PathLike,
+    val_fraction: float | None,
+    val_shards: int | None,
+    shard_size: int,
+    num_proc: int | None = None,
+    rebuild: bool = False,
+) -> Path:
+    """Tokenize `source` into shards in `data_dir`, unless its manifest says that is done with these settings.
+
+    Val is either the last `val_fraction` of the token stream (the convention for Tiny Shakespeare) or
+    its first `val_shards` shards (FineWeb-Edu's recipe: a stream of unknown length).
     """
+    if (val_fraction is None) == (val_shards is None):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.val_shards={val_shards}: set exactly one of them "
+            "(e.g. data.val_fraction=0.1, or data.val_shards=1 for a streamed source)"
+        )
     data_dir = Path(data_dir)
-    settings = {
-        "source": source.describe(),
-        "tokenizer": TOKENIZER,
-        "val_fraction": val_fraction,
-        "shard_size": shard_size,
-    }
+    settings = {"source": source.describe(), "tokenizer": TOKENIZER, "val_fraction": val_fraction}
+    if val_shards is not None:  # only when set, so manifests written before it existed stay valid
+        settings["val_shards"] = val_shards
+    settings["shard_size"] = shard_size
     manifest_path = data_dir / MANIFEST
-    if manifest_path.exists():
+    if manifest_path.exists() and not rebuild:
         done = json.loads(manifest_path.read_text())
         if done["settings"] == settings:
             return data_dir
+        changed = {k: (done["settings"].get(k), v) for k, v in settings.items() if done["settings"].get(k) != v}
         raise RuntimeError(
-            f"{data_dir} was prepared with other settings ({done['settings']}, now {settings}): "
-            f"delete {data_dir} to rebuild it, or point data.data_dir elsewhere"
+            f"{data_dir} was prepared with other settings ({', '.join(f'{k}: {a} → now {b}' for k, (a, b) in changed.items())}): "
+            "add data.rebuild=true to delete its shards and prepare them again, or point data.data_dir elsewhere"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
-    tokens = tokenize(source.documents(data_dir))
-    n_val = int(len(tokens) * val_fraction)
-    splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
-    for split, split_tokens in splits.items():
-        for i, start in enumerate(range(0, len(split_tokens), shard_size)):
-            write_shard(data_dir / f"{split}_{i:06d}.bin", split_tokens[start : start + shard_size])
+    remove_shards(data_dir)  # leftovers of an interrupted prepare, or the shards being rebuilt
+    num_proc = num_proc or len(os.sched_getaffinity(0))
     n_vocab = gpt2_encoding().n_vocab
-    np.save(data_dir / TRAIN_TOKEN_COUNTS, np.bincount(splits["train"], minlength=n_vocab))
+    writer = ShardWriter(data_dir, shard_size, val_shards or 0, n_vocab)
+    name = settings["source"]["name"]
+    with tqdm(desc=f"tokenizing {name} ({num_proc} processes)", unit="tok", unit_scale=True) as progress:
+        for tokens in encode_documents(source.documents(data_dir), num_proc):
+            writer.add(tokens)
+            progress.update(len(tokens))
+    writer.flush()
+    if val_fraction is not None:
+        writer.move_tail_to_val(int(writer.tokens["train"] * val_fraction))
+    if not writer.written["train"]:
+        raise ValueError(
+            f"{source.describe()} gave {writer.tokens['val']} tokens, all of them val: lower data.shard_size "
+            f"({shard_size}) or data.val_shards ({val_shards}), or use data.val_fraction"
+        )
+    np.save(data_dir / TRAIN_TOKEN_COUNTS, writer.train_token_counts)
     # the manifest is written last: its presence means every shard is complete
-    manifest = {"settings": settings, "tokens": {k: int(len(v)) for k, v in splits.items()}}
+    manifest = {"settings": settings, "tokens": writer.tokens, "shards": {k: len(v) for k, v in writer.written.items()}}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepared %s: %s", data_dir, manifest["tokens"])
     return data_dir

@@ -1,29 +1,50 @@
-"""Batches of shifted token windows from memory-mapped shards.
+"""Batches of shifted token windows from memory-mapped shards, and the resumable loader that serves them.
 
 A window is T+1 consecutive tokens of one shard: x is its first T, y its last T (each label is the
-token to the right). Windows step by T and never cross a shard boundary, so B consecutive windows are
-one contiguous slice `buf` of B·T+1 tokens and the batch is exactly the seed loader's
-`buf[:-1].view(B, T)`, `buf[1:].view(B, T)`.
+token to the right). Windows step by T and never cross a shard boundary: a window that straddles two
+shards would join the end of one document stream to the start of another written at a different time,
+and keeping each batch inside one shard keeps a batch one contiguous slice `buf` of B·T+1 tokens, exactly
+the seed loader's `buf[:-1].view(B, T)`, `buf[1:].view(B, T)`.
 
-With W ranks, global batch g holds B·W consecutive windows and rank r takes its r-th run of B (the
-split of a position-strided DDP loader). A shard yields floor((N-1) / (B·T·W)) global batches; the
-tail that does not fill one is skipped, and after the last shard the order starts over.
+With W ranks, global batch g holds B·W windows and rank r takes its r-th run of B (the split of a
+position-strided DDP loader). A shard yields floor((N-1) / (B·T·W)) global batches; the tail that does
+not fill one is skipped, and after the last shard a new pass (epoch) starts over.
+
+Shuffled (`shuffle_seed` set), each pass visits the shards in a permuted order and, inside a shard,
+the windows in a permuted order, both drawn from (seed, epoch): the same on every rank, different every
+pass, and memory bounded by one shard's window count, not the corpus.
 """
 
 import bisect
+import hashlib
+import logging
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
 
 
 class TokenWindows(Dataset):
-    def __init__(self, shards: list[np.ndarray], batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+    """Global batch g (of epoch e, when shuffled) → this rank's (x, y), each (B, T) int64."""
+
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_seed: int | None = None,
+    ):
         self.shards, self.B, self.T = shards, batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        tokens_per_global_batch = batch_size * seq_len * world_size
-        per_shard = [(len(s) - 1) // tokens_per_global_batch for s in shards]
-        self.first_batch_of_shard = np.cumsum([0] + per_shard).tolist()
+        self.rank, self.world_size, self.shuffle_seed = rank, world_size, shuffle_seed
+        self.windows_per_global_batch = batch_size * world_size
+        self.batches_per_shard = [(len(s) - 1) // (self.windows_per_global_batch * seq_len) for s in shards]
+        self.first_batch_of_shard = np.cumsum([0] + self.batches_per_shard).tolist()
         if len(self) == 0:
             raise ValueError(
                 f"{sum(len(s) for s in shards)} tokens in {len(shards)} shard(s) do not fill one batch of "
@@ -34,9 +55,16 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return self.first_batch_of_shard[-1]
 
-    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`index` is g, or (epoch, g) to pick the epoch's shuffled order."""
+        epoch, g = index if isinstance(index, tuple) else (0, index)
         if not 0 <= g < len(self):
             raise IndexError(f"batch {g} out of range [0, {len(self)})")
+        if self.shuffle_seed is None:
+            return self._contiguous_batch(g)
+        return self._shuffled_batch(epoch, g)
+
+    def _contiguous_batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         shard = bisect.bisect_right(self.first_batch_of_shard, g) - 1
         global_batch_in_shard = g - self.first_batch_of_shard[shard]
         start = (global_batch_in_shard * self.world_size + self.rank) * self.B * self.T
@@ -44,3 +72,96 @@ class TokenWindows(Dataset):
         x = buf[:-1].view(self.B, self.T)  # inputs
         y = buf[1:].view(self.B, self.T)  # targets: the next token of each input
         return x, y
+
+    def _shuffled_batch(self, epoch: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = self._shard_order(epoch)
+        first_batch = np.cumsum([0] + [self.batches_per_shard[s] for s in order]).tolist()
+        i = bisect.bisect_right(first_batch, g) - 1
+        shard = order[i]
+        windows = self._window_order(epoch, shard)
+        first_window = ((g - first_batch[i]) * self.world_size + self.rank) * self.B
+        tokens = self.shards[shard]
+        rows = [tokens[w * self.T : w * self.T + self.T + 1] for w in windows[first_window : first_window + self.B]]
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    @lru_cache(maxsize=2)
+    def _shard_order(self, epoch: int) -> list[int]:
+        return np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.shards)).tolist()
+
+    @lru_cache(maxsize=2)
+    def _window_order(self, epoch: int, shard: int) -> np.ndarray:
+        # every full window of the shard, permuted; the ones past the last full global batch sit out this pass
+        n_windows = (len(self.shards[shard]) - 1) // self.T
+        return np.random.default_rng([self.shuffle_seed, epoch, shard]).permutation(n_windows)
+
+
+class WindowLoader:
+    """Iterates the global batches of `windows` pass after pass, each `iter()` continuing where the last
+    stopped, and saves that position (epoch, batches served) in its state: Lightning stores the
+    `state_dict()` of a train loader in every checkpoint and restores it on resume, so a resumed run is
+    served exactly the batches the interrupted one would have seen next.
+
+    Not a DataLoader subclass on purpose: Lightning would replace its sampler with a DistributedSampler,
+    but TokenWindows already gives each rank its own slice. It has a length (one pass), so Lightning does
+    not prefetch a batch ahead of the training step, and the position counts exactly the batches trained on.
+    """
+
+    def __init__(
+        self,
+        windows: TokenWindows,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        max_batches: int | None = None,
+        batches_per_step: int = 1,
+        debug: bool = False,
+    ):
+        self.windows, self.num_workers, self.pin_memory, self.debug = windows, num_workers, pin_memory, debug
+        length = len(windows) if max_batches is None else min(max_batches, len(windows))
+        # a pass holds whole optimizer steps: at the end of a pass Lightning would step on a partial
+        # gradient accumulation, with fewer tokens than train.total_batch_size
+        self.length = length // batches_per_step * batches_per_step
+        if self.length == 0:
+            raise ValueError(
+                f"{length} batches a pass over the data do not fill one optimizer step of {batches_per_step} "
+                "micro-batches: lower train.total_batch_size, data.batch_size or data.seq_len, or use more data"
+            )
+        self.epoch, self.served = 0, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        if self.served >= len(self):  # a pass that ended exactly at a checkpoint
+            self.epoch, self.served = self.epoch + 1, 0
+        epoch, start = self.epoch, self.served
+        order = [(epoch, g) for g in range(start, len(self))]
+        loader = DataLoader(
+            self.windows, batch_size=None, sampler=order, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
+        for g, batch in enumerate(loader, start):
+            self.served = g + 1  # counted before the step, as Lightning saves the state after it
+            if self.debug:
+                log.info("rank %d batch %s", self.windows.rank, describe_batch(batch, epoch, g))
+            yield batch
+        self.epoch, self.served = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "served": self.served, "batches_per_epoch": len(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["batches_per_epoch"] != len(self):
+            raise ValueError(
+                f"the checkpoint's train loader had {state['batches_per_epoch']} batches per pass, this run has "
+                f"{len(self)}: the data, data.batch_size, data.seq_len or the number of devices changed since; "
+                "resume with the settings the checkpoint was trained with"
+            )
+        self.epoch, self.served = state["epoch"], state["served"]
+
+
+def describe_batch(batch: tuple[torch.Tensor, torch.Tensor], epoch: int, g: int) -> str:
+    """`epoch=E index=G windows=h1,h2,...`, a short hash of each window's inputs: enough to tell which
+    windows two runs (or two ranks) saw."""
+    x, _ = batch
+    hashes = [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:10] for row in x]
+    return f"epoch={epoch} index={g} windows={','.join(hashes)}"
