@@ -12,6 +12,21 @@ from gpt2lab.fastpath import tune_malloc
 log = logging.getLogger(__name__)
 
 
+def resume_from(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+    """`ckpt_path=last` is this run dir's last.ckpt (resume a run by running again in its dir:
+    `hydra.run.dir=outputs/runs/<run>`); any other value is a checkpoint file. Either must exist."""
+    if ckpt_path is None:
+        return None
+    path = Path(checkpoint_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        how = "python scripts/train.py ckpt_path=last hydra.run.dir=outputs/runs/<the run to resume>"
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path}: no checkpoint at {path}; resume a run with `{how}`, "
+            "or set ckpt_path=<a .ckpt file>"
+        )
+    return str(path)
+
+
 def train(cfg: DictConfig) -> float:
     """Instantiate data, module, callbacks, loggers and Trainer from `cfg`, fit, and return the final
     val/loss (the metric a sweeper minimizes)."""
@@ -39,7 +54,8 @@ def train(cfg: DictConfig) -> float:
     trainer.accumulate_grad_batches = accum
     trainer.val_check_interval = cfg.train.val_every_n_steps * accum  # Lightning counts micro-batches
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.global_step % cfg.train.val_every_n_steps:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final val/loss is of the final weights
     val_loss = float(trainer.callback_metrics["val/loss"])
