@@ -23,11 +23,12 @@ def sample_next(
     softmax(logits / temperature) restricted to the top_k likeliest tokens."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    if top_k is None:
+        return torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1, generator=generator)
+    # draw among the k likeliest only: k random numbers a token instead of one per vocabulary entry
+    top_logits, top_ids = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k) each
+    choice = torch.multinomial(F.softmax(top_logits / temperature, dim=-1), num_samples=1, generator=generator)
+    return top_ids.gather(-1, choice)  # (B, 1)
 
 
 @torch.no_grad()
