@@ -19,7 +19,8 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_train_loss.json"
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """What TensorBoard itself reads back from the run's event files."""
-    events = EventAccumulator(str(run_dir / "tb"))
+    [tb_run] = {p.parent for p in (run_dir / "tb").glob("**/events.out.tfevents.*")}  # tb/<overrides> in a multirun
+    events = EventAccumulator(str(tb_run))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 

@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.config import check_config, grad_accum_steps
 from gpt2lab.fastpath import tune_malloc
+from gpt2lab.sweep import log_final_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,5 +60,6 @@ def train(cfg: DictConfig) -> float:
     if trainer.global_step % cfg.train.val_every_n_steps:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final val/loss is of the final weights
     val_loss = float(trainer.callback_metrics["val/loss"])
+    log_final_metrics(trainer, cfg, val_loss)  # TensorBoard's HParams tab: this run beside the others
     log.info("final val/loss %.4f; run dir %s", val_loss, output_dir)
     return val_loss

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import numpy as np
 from gpt2lab.data.prepare import TRAIN_TOKEN_COUNTS, gpt2_encoding, prepare
 from gpt2lab.data.shards import ShardError, open_shard
 from gpt2lab.data.windows import TokenWindows, WindowLoader
@@ -90,8 +89,3 @@ class GPTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> WindowLoader:
         return self.val_loader
-
-    def train_token_counts(self):
-        """How often each token id occurs in the training split, as prepare counted it; None if not counted."""
-        path = self.data_dir / TRAIN_TOKEN_COUNTS
-        return np.load(path) if path.exists() else None

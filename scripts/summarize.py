@@ -1,0 +1,30 @@
+"""Summarize a sweep: `python scripts/summarize.py outputs/multiruns/<date>_<time>` writes summary.csv,
+summary.md (each run's overrides, final and best val/loss, tokens seen, wall time) and val_loss.png (every
+run's val/loss curve) into the sweep dir. A multirun does this itself when it ends (conf/hydra/default.yaml).
+
+`python scripts/summarize.py --unused-tokens <run dir> [--up-to-step N]` instead plots a run's
+unused-token metrics (experiment=unused_tokens) into <run dir>/unused_tokens.png and prints the finding."""
+
+import argparse
+import logging
+from pathlib import Path
+
+from gpt2lab.sweep import SUMMARY_FILES, summarize, unused_token_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dir", type=Path, help="a multirun's hydra.sweep.dir, e.g. outputs/multiruns/<date>_<time>")
+    parser.add_argument("--unused-tokens", action="store_true", help="dir is one run: report its unused-token metrics")
+    parser.add_argument("--up-to-step", type=int, help="with --unused-tokens: the last step to count")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.unused_tokens:
+        print(unused_token_report(args.dir, args.up_to_step))
+        return
+    summarize(args.dir)
+    print((args.dir / SUMMARY_FILES[1]).read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()

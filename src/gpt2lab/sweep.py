@@ -1,0 +1,234 @@
+"""Sweeps: each run's TensorBoard name and HParams entry, and the summary of a whole sweep dir (a table of
+each run's overrides, final and best val/loss, tokens seen and wall time; the val-loss curves of all runs in
+one plot), written by `scripts/summarize.py` or by the Hydra callback when a multirun ends."""
+
+import csv
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+log = logging.getLogger(__name__)
+
+VAL_LOSS = "val/loss"
+FINAL_METRICS = ("final/val_loss", "final/tokens_seen")  # logged once, beside the hyperparameters
+SUMMARY_FILES = ("summary.csv", "summary.md", "val_loss.png")
+NOT_HPARAMS = ("hydra", "callbacks", "logger")  # config groups that do not change what a run learns
+
+
+def sweep_run_name() -> str:
+    """The run's overrides (`model=tiny,optim.lr=0.001`) in a multirun, so that TensorBoard over a sweep
+    dir tells the runs apart by what differs; "" for a single run or outside Hydra (tests, notebooks)."""
+    if not HydraConfig.initialized():
+        return ""
+    hydra = HydraConfig.get()
+    return hydra.job.override_dirname if hydra.mode == RunMode.MULTIRUN else ""
+
+
+def run_hparams(cfg: DictConfig) -> dict:
+    """What a sweep varies, flat: the chosen config of each group and the values of the knobs."""
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    hparams = {group: choice for group, choice in choices.items() if group.split("/")[0] not in NOT_HPARAMS and choice}
+    for section in ("model", "init", "optim", "scheduler"):
+        values = OmegaConf.to_container(cfg[section], resolve=True)
+        hparams |= {f"{section}.{k}": v for k, v in values.items() if not k.startswith("_")}
+    for key in ("data.batch_size", "data.seq_len", "train.total_batch_size", "trainer.max_steps", "seed"):
+        hparams[key] = OmegaConf.select(cfg, key)
+    return hparams
+
+
+def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float) -> None:
+    """Record the run's hyperparameters with its final metrics, for TensorBoard's HParams tab."""
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+    metrics = dict(zip(FINAL_METRICS, (val_loss, trainer.global_step * tokens_per_step)))
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(run_hparams(cfg), metrics)
+
+
+@dataclass
+class RunSummary:
+    run: str  # the run's dir, relative to the sweep dir
+    overrides: str  # those that differ between the sweep's runs
+    final_val_loss: float | None
+    best_val_loss: float | None
+    tokens_seen: int | None
+    wall_time_s: float | None  # from the run's first TensorBoard event to its last
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    """Every Hydra job dir under sweep_dir, in job order (0, 1, …, 10, not 0, 1, 10)."""
+    dirs = [p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    return sorted(dirs, key=lambda d: [int(s) if s.isdigit() else s for s in d.relative_to(sweep_dir).parts])
+
+
+def read_events(run_dir: Path) -> list[EventAccumulator]:
+    """One accumulator per directory of TensorBoard event files under the run dir."""
+    event_dirs = sorted({p.parent for p in run_dir.glob("**/events.out.tfevents.*")})
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # not a line per event file it opens
+    accumulators = [EventAccumulator(str(d), size_guidance={"scalars": 0}) for d in event_dirs]  # 0: keep all
+    for events in accumulators:
+        events.Reload()
+    return accumulators
+
+
+def scalar_series(accumulators: list[EventAccumulator], tag: str) -> list[tuple[int, float, float]]:
+    """(step, value, wall time) of a tag over all of a run's event files, by wall time."""
+    points = [
+        (e.step, e.value, e.wall_time) for a in accumulators if tag in a.Tags()["scalars"] for e in a.Scalars(tag)
+    ]
+    return sorted(points, key=lambda p: p[2])
+
+
+def summarize_run(run_dir: Path, sweep_dir: Path) -> tuple[RunSummary, list[tuple[int, float]]]:
+    """The run's row of the summary table, and its val-loss curve."""
+    overrides = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.override_dirname
+    accumulators = read_events(run_dir)
+    val_loss = scalar_series(accumulators, VAL_LOSS)
+    tokens = scalar_series(accumulators, FINAL_METRICS[1])
+    times = [p[2] for tag in (VAL_LOSS, "train/loss") for p in scalar_series(accumulators, tag)]
+    start = min((a.FirstEventTimestamp() for a in accumulators), default=None)
+    row = RunSummary(
+        run=str(run_dir.relative_to(sweep_dir)),
+        overrides=overrides,
+        final_val_loss=val_loss[-1][1] if val_loss else None,
+        best_val_loss=min(v for _, v, _ in val_loss) if val_loss else None,
+        tokens_seen=int(tokens[-1][1]) if tokens else None,
+        wall_time_s=round(max(times) - start, 1) if times and start is not None else None,
+    )
+    return row, [(step, value) for step, value, _ in val_loss]
+
+
+def differing_overrides(all_overrides: list[str]) -> list[str]:
+    """Each run's overrides without those every run shares (`model=tiny` in a sweep over lr)."""
+    split = [o.split(",") if o else [] for o in all_overrides]
+    shared = set.intersection(*map(set, split)) if len(split) > 1 else set()
+    return [",".join(o for o in items if o not in shared) for items in split]
+
+
+def summarize(sweep_dir: str | Path) -> list[RunSummary]:
+    """Write summary.csv, summary.md and val_loss.png into sweep_dir; return the rows."""
+    sweep_dir = Path(sweep_dir)
+    runs = run_dirs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(
+            f"no Hydra runs (*/.hydra/overrides.yaml) under {sweep_dir}: pass the sweep dir of a multirun, "
+            "e.g. outputs/multiruns/<date>_<time>"
+        )
+    rows, curves = zip(*(summarize_run(run, sweep_dir) for run in runs))
+    for row, overrides in zip(rows, differing_overrides([r.overrides for r in rows])):
+        row.overrides = overrides or row.overrides
+    write_csv(rows, sweep_dir / SUMMARY_FILES[0])
+    (sweep_dir / SUMMARY_FILES[1]).write_text(markdown_table(rows))
+    plot_val_loss(rows, curves, sweep_dir / SUMMARY_FILES[2])
+    log.info("sweep summary of %d runs: %s", len(rows), ", ".join(str(sweep_dir / f) for f in SUMMARY_FILES))
+    return list(rows)
+
+
+def write_csv(rows: list[RunSummary], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def markdown_table(rows: list[RunSummary]) -> str:
+    def cell(field: str, value) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4f}" if field.endswith("loss") else f"{value:.1f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    fields = list(asdict(rows[0]))
+    lines = ["| " + " | ".join(fields) + " |", "|" + " --- |" * len(fields)]
+    lines += ["| " + " | ".join(cell(f, v) for f, v in asdict(r).items()) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("no plot %s: matplotlib is missing; install it with `pip install -e '.[sweeps]'`", path)
+        return
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, curve in zip(rows, curves):
+        if curve:
+            steps, values = zip(*curve)
+            ax.plot(steps, values, marker="o", markersize=3, label=row.overrides or row.run)
+    ax.set(xlabel="optimizer step", ylabel=VAL_LOSS, title=f"{path.parent.name}: {len(rows)} runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback: when a multirun ends, summarize its sweep dir (see `summarize`)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        summarize(config.hydra.sweep.dir)
+
+
+UNUSED_TOKEN_TAGS = ("val/loss", "val/loss_seen_vocab", "val/unused_token_mass")
+
+
+def unused_token_report(run_dir: str | Path, up_to_step: int | None = None) -> str:
+    """How much of a run's early val-loss drop is learning to stop predicting never-seen tokens: plot
+    val/loss, val/loss_seen_vocab and val/unused_token_mass into <run dir>/unused_tokens.png, and return the
+    finding in one line, from the first validation to the last at or before `up_to_step` (default: all)."""
+    run_dir = Path(run_dir)
+    accumulators = read_events(run_dir)
+    series = {tag: {step: value for step, value, _ in scalar_series(accumulators, tag)} for tag in UNUSED_TOKEN_TAGS}
+    steps = sorted(set.intersection(*(set(s) for s in series.values())))
+    steps = [s for s in steps if up_to_step is None or s <= up_to_step]
+    if len(steps) < 2:
+        raise ValueError(
+            f"{run_dir} has fewer than two validations logging {', '.join(UNUSED_TOKEN_TAGS)}: run "
+            "`python scripts/train.py experiment=unused_tokens` (its data dir must hold train_token_counts.npy)"
+        )
+    loss, seen, mass = ([series[tag][s] for s in steps] for tag in UNUSED_TOKEN_TAGS)
+    gap = [a - b for a, b in zip(loss, seen)]
+    plot_unused_tokens(steps, loss, seen, mass, run_dir / "unused_tokens.png")
+    drop, gap_drop = loss[0] - loss[-1], gap[0] - gap[-1]
+    # steps are Lightning's (0-based): the validation logged at step s ran after s + 1 optimizer steps
+    return (
+        f"from optimizer step {steps[0] + 1} to {steps[-1] + 1}, val/loss fell {loss[0]:.2f} → {loss[-1]:.2f} "
+        f"({drop:.2f} nats), of which the part owed to never-seen tokens (val/loss − val/loss_seen_vocab, "
+        f"{gap[0]:.2f} → {gap[-1]:.2f}) explains {gap_drop:.2f} nats = {gap_drop / drop:.0%}; the probability "
+        f"on never-seen tokens fell {mass[0]:.3f} → {mass[-1]:.3f}"
+    )
+
+
+def plot_unused_tokens(steps, loss, seen, mass, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizer_steps = [s + 1 for s in steps]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    top.plot(optimizer_steps, loss, label="val/loss")
+    top.plot(optimizer_steps, seen, label="val/loss_seen_vocab (never-seen tokens masked)")
+    top.fill_between(optimizer_steps, seen, loss, alpha=0.2, label="owed to never-seen tokens")
+    top.set(ylabel="loss (nats)", title=f"{path.parent.name}: where the early loss drop comes from")
+    top.legend(fontsize="small")
+    bottom.plot(optimizer_steps, mass, color="C3")
+    bottom.set(xlabel="optimizer step", ylabel="val/unused_token_mass")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

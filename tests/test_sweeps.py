@@ -1,0 +1,274 @@
+"""Sweeps end to end on CPU: a real Hydra multirun of scripts/train.py, its summary, the real TensorBoard server
+reading it back, Optuna, the joblib launcher, and the SLURM launcher's job script (no cluster needed)."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import lightning as L
+import matplotlib.image
+import pytest
+import submitit
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, ROOT
+from gpt2lab.sweep import read_events, scalar_series, unused_token_report
+
+# every run: model=tiny, 2 optimizer steps of 4 × 32 tokens, validation (one batch) after each
+TINY_RUN = ["model=tiny", "accelerator=cpu", "trainer.max_steps=2", "data.seq_len=32", "data.val_batches=1",
+            "train.val_every_n_steps=1"]  # fmt: skip
+TOKENS_PER_RUN = 2 * 4 * 32  # steps × data.batch_size (conf/data) × data.seq_len
+
+
+def train_script(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/train.py", *args, f"paths.data_dir={data_dir}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def tensorboard_runs(run_dir: Path) -> list[Path]:
+    return sorted({p.parent for p in (run_dir / "tb").glob("**/events.out.tfevents.*")})
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, data_dir) -> Path:
+    """One multirun over a config group (init) and a value (optim.lr): 4 runs."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    train_script("-m", "init=gpt2,unscaled", "optim.lr=3e-4,1e-3", *TINY_RUN, f"hydra.sweep.dir={sweep_dir}",
+                 data_dir=data_dir)  # fmt: skip
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_run_a_dir_and_a_tensorboard_run_named_by_its_overrides(sweep_dir):
+    runs = run_dirs(sweep_dir)
+    assert [r.name for r in runs] == ["0", "1", "2", "3"]
+    expected = [("gpt2", "0.0003"), ("gpt2", "0.001"), ("unscaled", "0.0003"), ("unscaled", "0.001")]
+    names = []
+    for run, (init, lr) in zip(runs, expected):
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        assert f"init={init}" in overrides and f"optim.lr={lr}" in overrides
+        [tb_run] = tensorboard_runs(run)  # one TensorBoard run per job, in tb/<its overrides>
+        assert tb_run.parent == run / "tb"
+        assert f"init={init}" in tb_run.name.split(",") and f"optim.lr={lr}" in tb_run.name.split(",")
+        assert "paths.data_dir" not in tb_run.name  # paths are excluded: they would nest dirs
+        names.append(tb_run.name)
+        assert [s for s, _, _ in scalar_series(read_events(run), "val/loss")] == [0, 1]
+    assert len(set(names)) == 4
+
+
+@pytest.mark.slow
+def test_multirun_end_writes_a_summary_table_and_plot_of_every_run(sweep_dir):
+    with (sweep_dir / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["0", "1", "2", "3"]
+    # only what differs between runs: model=tiny etc. are shared by all four
+    assert [r["overrides"] for r in rows] == [
+        "init=gpt2,optim.lr=0.0003", "init=gpt2,optim.lr=0.001",
+        "init=unscaled,optim.lr=0.0003", "init=unscaled,optim.lr=0.001",
+    ]  # fmt: skip
+    for row, run in zip(rows, run_dirs(sweep_dir)):
+        val_loss = [v for _, v, _ in scalar_series(read_events(run), "val/loss")]
+        assert float(row["final_val_loss"]) == pytest.approx(val_loss[-1])
+        assert float(row["best_val_loss"]) == pytest.approx(min(val_loss))
+        assert int(row["tokens_seen"]) == TOKENS_PER_RUN
+        assert 0 < float(row["wall_time_s"]) < 600
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| run | overrides | final_val_loss |") and len(table) == 2 + 4
+    assert "| init=unscaled,optim.lr=0.001 |" in table[-1]
+    image = matplotlib.image.imread(sweep_dir / "val_loss.png")
+    assert image.shape[0] > 300 and image.shape[1] > 500
+
+
+@pytest.mark.slow
+def test_summarize_script_rewrites_the_summary_and_names_a_dir_without_runs(sweep_dir, tmp_path):
+    before = (sweep_dir / "summary.csv").read_text()
+    (sweep_dir / "summary.csv").unlink()
+    done = subprocess.run([sys.executable, "scripts/summarize.py", str(sweep_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (sweep_dir / "summary.csv").read_text() == before
+    assert "| init=gpt2,optim.lr=0.0003 |" in done.stdout
+
+    empty = subprocess.run([sys.executable, "scripts/summarize.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert empty.returncode != 0 and f"no Hydra runs (*/.hydra/overrides.yaml) under {tmp_path}" in empty.stderr
+
+
+@pytest.mark.slow
+def test_unused_token_report_plots_a_run_and_states_the_share_of_the_loss_drop(sweep_dir):
+    run = run_dirs(sweep_dir)[1]
+    events = read_events(run)
+    loss, seen = ([v for _, v, _ in scalar_series(events, tag)] for tag in ("val/loss", "val/loss_seen_vocab"))
+    share = ((loss[0] - seen[0]) - (loss[-1] - seen[-1])) / (loss[0] - loss[-1])
+    finding = unused_token_report(run)
+    assert finding.startswith("from optimizer step 1 to 2, val/loss fell") and f"= {share:.0%};" in finding
+    assert matplotlib.image.imread(run / "unused_tokens.png").shape[0] > 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_every_runs_val_loss_and_hparams(sweep_dir):
+    """The real `tensorboard --logdir <sweep dir>`, read through its HTTP data API."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/data"
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--load_fast", "false", "--reload_interval", "1"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        expected = {str(tb.relative_to(sweep_dir)): run for run in run_dirs(sweep_dir) for tb in tensorboard_runs(run)}
+        deadline, runs = time.monotonic() + 120, []
+        while time.monotonic() < deadline and sorted(runs) != sorted(expected):
+            assert server.poll() is None, server.stderr.read()[-2000:]
+            try:
+                runs = get_json(f"{url}/runs")
+            except OSError:  # not listening yet
+                pass
+            time.sleep(1)
+        assert sorted(runs) == sorted(expected)
+
+        for name, run in expected.items():
+            query = urllib.parse.urlencode({"run": name, "tag": "val/loss"})
+            served = get_json(f"{url}/plugin/scalars/scalars?{query}")  # [[wall time, step, value], …]
+            on_disk = scalar_series(read_events(run), "val/loss")
+            assert [(s, v) for _, s, v in served] == pytest.approx([(s, v) for s, v, _ in on_disk])
+
+        # HParams tab: each run's hyperparameters beside its final val/loss
+        groups = get_json(f"{url}/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"], "colParams": [],
+            "startIndex": 0, "sliceSize": 100,
+        })["sessionGroups"]  # fmt: skip
+        assert sorted(g["name"] for g in groups) == sorted(expected)
+        for group in groups:
+            hparams = group["hparams"]
+            assert f"init={hparams['init']}" in group["name"] and hparams["model"] == "tiny"
+            assert f"optim.lr={hparams['optim.lr']}" in group["name"]
+            metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+            final = scalar_series(read_events(expected[group["name"]]), "val/loss")[-1][1]
+            assert metrics["final/val_loss"] == pytest.approx(final)
+            assert metrics["final/tokens_seen"] == TOKENS_PER_RUN
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_optuna_searches_lr_and_warmup_for_the_lowest_val_loss(tmp_path, data_dir):
+    sweep_dir = tmp_path / "optuna"
+    train_script("hparams_search=lr_optuna", "hydra.sweeper.n_trials=3", *TINY_RUN, f"hydra.sweep.dir={sweep_dir}",
+                 data_dir=data_dir)  # fmt: skip
+    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    with (sweep_dir / "summary.csv").open() as f:
+        trials = list(csv.DictReader(f))
+    assert len(trials) == 3 == len(run_dirs(sweep_dir))
+    assert result["best_value"] == pytest.approx(min(float(t["final_val_loss"]) for t in trials))
+    assert 1e-4 <= result["best_params"]["optim.lr"] <= 3e-3
+    assert result["best_params"]["scheduler.warmup_steps"] in range(0, 51, 5)
+    tried = [yaml.safe_load((r / ".hydra" / "overrides.yaml").read_text()) for r in run_dirs(sweep_dir)]
+    assert len({next(o for o in t if o.startswith("optim.lr=")) for t in tried}) == 3  # three different lrs
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(tmp_path, data_dir):
+    sweep_dir = tmp_path / "joblib"
+    train_script("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=3e-4,1e-3", *TINY_RUN,
+                 "trainer.max_steps=1", f"hydra.sweep.dir={sweep_dir}", data_dir=data_dir)  # fmt: skip
+    runs = run_dirs(sweep_dir)
+    assert len(runs) == 2
+    # TensorBoard event file names end in <host>.<pid>.<n>: the two runs ran in two worker processes
+    pids = {p.name.split(".")[-2] for run in runs for p in (run / "tb").glob("**/events.out.tfevents.*")}
+    assert len(pids) == 2
+    assert all(scalar_series(read_events(run), "val/loss") for run in runs)
+
+
+def compose_slurm(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=["hydra/launcher=slurm", "trainer=slurm", *overrides],
+                       return_hydra_config=True)  # fmt: skip
+
+
+def test_slurm_launcher_config_yields_a_valid_sbatch_job(tmp_path, monkeypatch):
+    # submitit's SLURM executor insists on finding srun; it is never run here
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\necho 'no SLURM cluster here' >&2; exit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = compose_slurm("hydra.launcher.partition=gpu", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                        "hydra.launcher.timeout_min=90", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    # the executor exactly as SlurmLauncher.launch builds it (hydra_submitit_launcher 1.2): submitit checks
+    # every parameter name and writes the sbatch script it would submit
+    params = dict(launcher.params)
+    executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
+    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+            "stderr_to_stdout"}  # fmt: skip
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit job", "uid")
+    for flag in ("--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=90",
+                 "--cpus-per-task=8", "--signal=USR1@120"):  # fmt: skip
+        assert f"#SBATCH {flag}\n" in sbatch, sbatch
+    assert sbatch.count("--signal") == 1  # Lightning's requeue signal, not submitit's USR2 besides it
+    assert "srun" in sbatch  # one task per GPU, each a Lightning process
+
+
+def test_slurm_trainer_is_lightnings_multi_node_ddp_with_requeue(tmp_path, monkeypatch):
+    cfg = compose_slurm("hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", "accelerator=cpu",
+                        f"paths.output_dir={tmp_path}")  # fmt: skip
+    HydraConfig.instance().set_config(cfg)  # as Hydra does in each job, for ${hydra:launcher.nodes}
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert (trainer_cfg["num_nodes"], trainer_cfg["devices"], trainer_cfg["strategy"]) == (2, 4, "ddp")
+    # task 5 of 8 (node 1, GPU 1), as srun starts it: Lightning takes its rank from SLURM
+    for key, value in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                       "SLURM_NODEID": "1", "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "train",
+                       "SLURM_NODELIST": "node[1-2]"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "swept", "n_layer"),
+    [("init_scaling_ablation", {"init": "gpt2,unscaled", "seed": "1337,1338"}, 12),
+     ("scaling_sweep", {"model.n_embd": "64,128,256"}, 4)],
+)  # fmt: skip
+def test_research_experiments_are_multiruns_at_a_fixed_token_budget(experiment, swept, n_layer):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN and dict(cfg.hydra.sweeper.params) == swept
+    assert cfg.model.n_layer == n_layer and cfg.model.n_head == 4
+    assert cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len == 102_400
