@@ -82,8 +82,9 @@ class TokenWindows(Dataset):
         first_window = ((g - first_batch[i]) * self.world_size + self.rank) * self.B
         tokens = self.shards[shard]
         rows = [tokens[w * self.T : w * self.T + self.T + 1] for w in windows[first_window : first_window + self.B]]
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        buf = np.stack(rows).astype(np.int64)  # (B, T+1)
+        # copied by numpy: torch's copy of a small strided tensor can wait on its intra-op thread pool
+        return torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
 
     @lru_cache(maxsize=2)
     def _shard_order(self, epoch: int) -> list[int]:

@@ -1,0 +1,122 @@
+"""Exact resume: a run stopped after step k and resumed in a new process trains on the same windows and
+logs the same losses, bit for bit on CPU, as a run that never stopped; no step is repeated or skipped.
+
+Every run is a real `scripts/train.py` process on a small local text corpus (data=text) cut into several
+shards, shuffled, so the runs cross shard boundaries and an epoch boundary. `data.debug_batches=true`
+makes the loader log a hash of every window it serves; TensorBoard holds the per-step losses.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT
+
+B, T = 4, 32
+N, K = 12, 5  # optimizer steps: the whole run, and where the interrupted run stops
+
+BATCH_LINE = re.compile(r"rank (\d+) batch (epoch=\d+ index=\d+ windows=\S+)")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Three documents of made-up English, ~1,800 tokens: train shards of 600, 600 and ~420 tokens, and val:
+    11 batches of B×T a pass."""
+    root = tmp_path_factory.mktemp("corpus")
+    words = "the of and to in is was that for on with as by at from his her it an be this which or".split()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=600)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("text_data")
+
+
+def train_run(run_dir: Path, corpus: Path, data_dir: Path, *overrides: str, batch_size: int = B) -> None:
+    """`python scripts/train.py` on the corpus with a tiny model: a new process, as after a crash."""
+    cmd = [
+        sys.executable, "scripts/train.py", "model=tiny", "accelerator=cpu", "data=text",
+        f"data.source.path={corpus}", f"paths.data_dir={data_dir}", "data.shard_size=600", "data.num_proc=1",
+        f"data.batch_size={batch_size}", f"data.seq_len={T}", "data.shuffle=true", "data.debug_batches=true",
+        "data.val_batches=2", "train.val_every_n_steps=5", "~callbacks.text_samples", f"hydra.run.dir={run_dir}",
+        # a learning rate still in warmup does not depend on trainer.max_steps, so a run stopped by
+        # max_steps=K follows the same schedule as one going to N
+        "scheduler.warmup_steps=1000", "optim.lr=0.05",
+        *overrides,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def batches_seen(run_dir: Path, rank: int = 0) -> list[str]:
+    """The windows served to `rank`, in order, from the run dir's logs (all processes that ran in it)."""
+    lines = []
+    for log in sorted(run_dir.glob("*.log")):
+        lines += [m.group(2) for m in map(BATCH_LINE.search, log.read_text().splitlines()) if m and int(m.group(1)) == rank]
+    return lines
+
+
+def train_losses(run_dir: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard reads it back, over every events file in the run dir."""
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def straight_run(tmp_path, corpus, data_dir, accum: int, *overrides: str) -> tuple[list[str], list]:
+    train_run(tmp_path / "straight", corpus, data_dir, f"train.total_batch_size={accum * B * T}", f"trainer.max_steps={N}", *overrides)
+    windows, losses = batches_seen(tmp_path / "straight"), train_losses(tmp_path / "straight")
+    assert [s for s, _ in losses] == list(range(N)) and len(windows) == N * accum
+    assert len({w.split()[0] for w in windows}) >= 2, "the run should cross an epoch boundary"
+    return windows, losses
+
+
+@pytest.mark.slow
+def test_run_stopped_and_resumed_with_ckpt_path_last_sees_what_an_uninterrupted_run_sees(tmp_path, corpus, text_data_dir):
+    windows, losses = straight_run(tmp_path, corpus, text_data_dir, 1)
+    # stopped after K steps, then continued to N by `ckpt_path=last` in its run dir, in a new process
+    stopped = tmp_path / "stopped"
+    train_run(stopped, corpus, text_data_dir, f"trainer.max_steps={K}")
+    train_run(stopped, corpus, text_data_dir, f"trainer.max_steps={N}", "ckpt_path=last")
+    assert batches_seen(stopped) == windows  # the same windows, none repeated or skipped
+    # bitwise: TensorBoard keeps the float32 values. (Lightning logs the steps after a resume from a
+    # checkpoint written at the end of fit one index late: the data and the losses are the ones compared)
+    assert [v for _, v in train_losses(stopped)] == [v for _, v in losses]
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == N
+
+
+@pytest.mark.slow
+def test_run_resumed_from_a_periodic_checkpoint_with_gradient_accumulation_continues_exactly(
+    tmp_path, corpus, text_data_dir
+):
+    accum = 2
+    windows, losses = straight_run(
+        tmp_path, corpus, text_data_dir, accum, f"callbacks.model_checkpoint.every_n_train_steps={K}"
+    )
+    # as after a crash: a new process, a new run dir, the checkpoint the killed run left at step K
+    ckpt = tmp_path / "straight" / "checkpoints" / f"step{K:06d}.ckpt"
+    train_run(tmp_path / "resumed", corpus, text_data_dir, f"train.total_batch_size={accum * B * T}", f"trainer.max_steps={N}", f"ckpt_path={ckpt}")
+    assert batches_seen(tmp_path / "resumed") == windows[K * accum :]
+    assert train_losses(tmp_path / "resumed") == losses[K:]  # the steps too
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_how_to_resume(tmp_path):
+    from gpt2lab.train import resume_from
+
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*last.ckpt; resume a run with `python scripts/"):
+        resume_from("last", str(tmp_path / "checkpoints"))
+    with pytest.raises(FileNotFoundError, match="ckpt_path=missing.ckpt: no checkpoint at missing.ckpt"):
+        resume_from("missing.ckpt", str(tmp_path / "checkpoints"))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resume_from("last", str(tmp_path / "checkpoints")) == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert resume_from(None, str(tmp_path / "checkpoints")) is None
