@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tqdm import tqdm
 
-import gpt2lab.config  # noqa: F401  (registers the resolvers conf/train.yaml uses)
+import gpt2lab.config
 from gpt2lab.model import GPT
 from gpt2lab.sample import generate
 

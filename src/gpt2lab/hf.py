@@ -145,8 +145,8 @@ def init_from_pretrained(model: GPT, name: str) -> None:
     differ = [f"{k}={getattr(found, k)} (model.{k}={getattr(expected, k)})" for k in ARCHITECTURE
               if getattr(found, k) != getattr(expected, k)]  # fmt: skip
     if differ:
-        same_size = [m for m, size in HUB_MODELS.items() if name.removeprefix("openai-community/") == m]
-        hint = f"model={HUB_MODELS[same_size[0]]}" if same_size else "the model=... it was trained with"
+        hub_size = HUB_MODELS.get(str(name).removeprefix("openai-community/"))
+        hint = f"model={hub_size}" if hub_size else "the model=... it was trained with"
         shapes = "; ".join(shape_mismatches(model, pretrained.state_dict())[:2])
         raise ValueError(
             f"init.name={name!r} holds a model of another size than this run builds: {', '.join(differ)}; "

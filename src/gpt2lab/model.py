@@ -28,8 +28,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        start = 0 if kv_cache is None else kv_cache.pos  # position of x's first token
+        start = 0  # position of x's first token
         if kv_cache is not None:
+            start = kv_cache.pos
             k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs): the cached prefix, then these T
         if start == 0:
             # softmax(q·kᵀ/√hs + causal mask)·v; flash attention where the backend has it

@@ -35,8 +35,8 @@ class TextSamples(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"callbacks.text_samples.every_n_steps={every_n_steps}: must be >= 1")
         self.every_n_steps, self.prompt, self.seed = every_n_steps, prompt, seed
-        self.sampling = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k)  # fmt: skip
+        self.sampling = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                         "top_k": top_k}  # fmt: skip
         self.last_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
