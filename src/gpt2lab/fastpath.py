@@ -35,16 +35,18 @@ def tune_malloc(mmap_max: int, trim_threshold: int) -> bool:
     mmap_max=0 serves them from the heap; a high trim_threshold keeps freed heap memory for reuse. The
     price: the process keeps its peak memory. Returns False (and changes nothing) where libc is not glibc.
     """
+    for key, value in (("mmap_max", mmap_max), ("trim_threshold", trim_threshold)):
+        if not (isinstance(value, int) and 0 <= value < 2**31):  # mallopt takes a C int
+            raise ValueError(
+                f"accelerator.malloc.{key}={value!r}: must be an integer in [0, 2^31), e.g. "
+                "{mmap_max: 0, trim_threshold: 2147483647}; or accelerator.malloc=null for glibc's defaults"
+            )
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         log.info("malloc settings skipped: libc is not glibc (%s)", platform.libc_ver()[0] or platform.system())
         return False
     libc = ctypes.CDLL(None)
-    ok = libc.mallopt(M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
-    if not ok:
-        raise ValueError(
-            f"glibc mallopt refused accelerator.malloc={{mmap_max: {mmap_max}, trim_threshold: {trim_threshold}}}: "
-            "both must be non-negative ints below 2^31, or set accelerator.malloc=null"
-        )
+    libc.mallopt(M_MMAP_MAX, mmap_max)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
     log.info("glibc malloc: mmap_max=%d, trim_threshold=%d", mmap_max, trim_threshold)
     return True
 

@@ -1,0 +1,190 @@
+"""Training throughput on this device, candidates side by side: `python scripts/bench.py model=tiny` (conf/bench.yaml).
+
+(a) our Lightning training step, (b) a plain PyTorch loop over the same model and optimizer, (c) Hugging Face
+GPT2LMHeadModel with the same config and optimizer, all fp32 with glibc's default allocator; (d) our step with
+the device's fast-path defaults (conf/accelerator: precision, compile, malloc) against (c) as a user gets it.
+Allocator settings are per process, so (a)-(c) run in one worker process and (d) in another; the driver
+alternates the candidates round by round (only one runs at a time) to cancel drift in a shared machine's speed.
+"""
+
+import multiprocessing as mp
+import statistics
+import threading
+import time
+from functools import partial
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.nn import functional as F
+
+import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
+from gpt2lab.callbacks.monitor import flops_per_token, peak_flops
+from gpt2lab.fastpath import tune_malloc
+
+LABELS = {
+    "lightning": "(a) Lightning step, fp32",
+    "plain": "(b) plain PyTorch loop, fp32",
+    "hf": "(c) HF GPT2LMHeadModel, fp32",
+    "fastpath": "(d) Lightning step, fast path",
+}
+
+
+def batches(datamodule):
+    while True:  # a fresh pass whenever the loader ends
+        yield from datamodule.train_dataloader()
+
+
+class Gate(L.Callback):
+    """Holds Lightning's loop at the start of each chunk of steps until the driver asks for `quota` more."""
+
+    def __init__(self):
+        self.requests, self.finished = threading.Semaphore(0), threading.Semaphore(0)
+        self.quota = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.quota == 0:
+            self.finished.release()  # the previous chunk's steps are done (and this batch is loaded)
+            self.requests.acquire()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != getattr(self, "last_step", 0):
+            self.last_step, self.quota = trainer.global_step, self.quota - 1
+
+
+class LightningCandidate:
+    def __init__(self, cfg: DictConfig, precision: str, compile: bool):
+        module = instantiate(cfg.module, compile=compile)
+        self.gate = Gate()
+        trainer = L.Trainer(
+            accelerator=cfg.accelerator.name, devices=1, precision=precision, max_steps=10**9, max_epochs=-1,
+            gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[self.gate],
+        )  # fmt: skip
+        datamodule = instantiate(cfg.data)
+        threading.Thread(target=trainer.fit, args=(module, datamodule), daemon=True).start()
+        self.gate.finished.acquire()  # set up, first batch loaded
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        self.gate.quota = steps
+        self.gate.requests.release()
+        self.gate.finished.acquire()
+        return time.perf_counter() - t0
+
+
+class LoopCandidate:
+    """A plain PyTorch training loop: our GPT (b) or Hugging Face's (c), same optimizer, schedule, clipping."""
+
+    def __init__(self, cfg: DictConfig, hf: bool):
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        self.batches = batches(datamodule)
+        if hf:
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            c = cfg.model
+            self.model = GPT2LMHeadModel(GPT2Config(
+                vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # ours has no dropout
+            ))  # fmt: skip
+            self.forward = lambda x: self.model(input_ids=x).logits
+        else:
+            self.model = instantiate(cfg.module).model
+            self.forward = lambda x: self.model(x)[0]
+        params = list(self.model.parameters())
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = instantiate(cfg.optim)(groups, fused=True)
+        schedule = partial(instantiate(cfg.scheduler), max_steps=cfg.trainer.max_steps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.clip = cfg.trainer.gradient_clip_val
+        self.model.train()
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(self.batches)
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def worker(conn, cfg_container: dict, names: list[str]) -> None:
+    """One process: its allocator setting first, then its candidates; runs what the driver asks."""
+    cfg = OmegaConf.create(cfg_container)
+    fast = "fastpath" in names
+    if fast and cfg.accelerator.malloc:
+        tune_malloc(**cfg.accelerator.malloc)
+    L.seed_everything(cfg.seed, verbose=False)
+    candidates = {}
+    for name in names:
+        if name == "lightning":
+            candidates[name] = LightningCandidate(cfg, precision="32-true", compile=False)
+        elif name == "fastpath":
+            if cfg.accelerator.matmul_precision:
+                torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
+            candidates[name] = LightningCandidate(cfg, cfg.accelerator.precision, cfg.accelerator.compile)
+        else:
+            candidates[name] = LoopCandidate(cfg, hf=name == "hf")
+    precision = cfg.accelerator.precision if fast else "32-true"
+    peak = cfg.bench.peak_flops or peak_flops(torch.device(cfg.accelerator.name), precision)
+    conn.send(peak)
+    while (request := conn.recv()) is not None:
+        name, steps = request
+        conn.send(candidates[name].run(steps))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)  # the device, the presets: as the driver sees them
+    container = OmegaConf.to_container(cfg)
+    ctx = mp.get_context("spawn")
+    groups = {"equal": ["lightning", "plain", "hf"], "fast": ["fastpath"]}
+    pipes, peaks = {}, {}
+    for group, names in groups.items():
+        parent, child = ctx.Pipe()
+        ctx.Process(target=worker, args=(child, container, names), daemon=True).start()
+        pipes.update({name: parent for name in names})
+        peaks[group] = parent.recv()
+    B, T = cfg.data.batch_size, cfg.data.seq_len
+    tokens_per_step = B * T
+    print(f"model={cfg.model.n_layer}x{cfg.model.n_embd} B={B} T={T} on {cfg.accelerator.name}; fast path: "
+          f"precision {cfg.accelerator.precision}, compile {cfg.accelerator.compile}, malloc {cfg.accelerator.malloc}")
+    order = list(LABELS)
+    for name in order:  # warm-up: lazy init, optimizer state, compilation
+        pipes[name].send((name, cfg.bench.warmup_steps))
+        pipes[name].recv()
+    rates = {name: [] for name in order}
+    for r in range(cfg.bench.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            pipes[name].send((name, cfg.bench.steps))
+            rates[name].append(cfg.bench.steps * tokens_per_step / pipes[name].recv())
+        print(f"round {r + 1}/{cfg.bench.rounds}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in order), flush=True)
+
+    fpt = flops_per_token(instantiate(cfg.module).model, T)
+    median = {name: statistics.median(v) for name, v in rates.items()}
+    print(f"\n{'candidate':34} {'tokens/s':>10} {'step ms':>9} {'MFU':>7}")
+    for name in order:
+        peak = peaks["fast" if name == "fastpath" else "equal"]
+        print(f"{LABELS[name]:34} {median[name]:>10,.0f} {1000 * tokens_per_step / median[name]:>9.1f} "
+              f"{fpt * median[name] / peak:>7.2%}")
+    print(f"peak FLOP/s: {peaks['equal']:.3g} (fp32), {peaks['fast']:.3g} (fast path)")
+    print(f"(a)/(b) = {median['lightning'] / median['plain']:.3f}   (a)/(c) = {median['lightning'] / median['hf']:.3f}"
+          f"   (d)/(c) = {median['fastpath'] / median['hf']:.3f}")
+    for pipe in set(pipes.values()):
+        pipe.send(None)
+
+
+if __name__ == "__main__":
+    main()

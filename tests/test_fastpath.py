@@ -1,0 +1,96 @@
+"""The fast path: per-accelerator defaults, CPU bf16 only where native (and then the loss curve of fp32),
+glibc's allocator setting, and torch.compile leaving checkpoints as an uncompiled GPT's."""
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab.fastpath import cpu_has_native_bf16, tune_malloc
+from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.train import train
+
+needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="x86 Linux")
+def test_cpu_bf16_is_the_default_exactly_where_the_cpu_has_bf16_instructions(compose_train):
+    native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})  # what the kernel reports, independent of torch
+    assert cpu_has_native_bf16() == native
+    cfg = compose_train("accelerator=cpu")
+    assert cfg.accelerator.precision == ("bf16-mixed" if native else "32-true")
+    assert cfg.accelerator.compile is False and cfg.accelerator.malloc.mmap_max == 0
+
+
+def test_cuda_preset_is_bf16_tf32_compiled(compose_train):
+    cfg = compose_train("accelerator=cuda")
+    assert (cfg.accelerator.precision, cfg.accelerator.compile, cfg.accelerator.matmul_precision) == (
+        "bf16-mixed", True, "high",
+    )  # fmt: skip
+    assert cfg.accelerator.malloc is None
+
+
+def rss_after_freeing(malloc: str) -> tuple[int, int]:
+    """In a fresh process: resident bytes while holding a 256 MB tensor, and after freeing it."""
+    code = f"""
+import torch, resource
+from gpt2lab.fastpath import tune_malloc
+{malloc}
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+x = torch.ones(64 * 2**20)  # 256 MB
+held = rss()
+del x
+print(held, rss())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    held, freed = map(int, done.stdout.split())
+    return held, freed
+
+
+@needs_glibc
+def test_tuned_malloc_keeps_freed_memory_for_reuse_where_glibc_gives_it_back():
+    held, freed = rss_after_freeing("")
+    assert freed < held - 200 * 2**20  # glibc's default: a large block is its own mmap, unmapped on free
+    held, freed = rss_after_freeing("tune_malloc(mmap_max=0, trim_threshold=2**31 - 1)")
+    assert freed > held - 10 * 2**20  # kept in the heap, ready for the next step's same-sized block
+
+
+def test_bad_malloc_setting_names_the_key_and_the_fix():
+    with pytest.raises(ValueError, match=r"accelerator.malloc.trim_threshold=4294967295: must be an integer"):
+        tune_malloc(mmap_max=0, trim_threshold=4294967295)
+
+
+@pytest.mark.slow
+def test_compiled_module_checkpoints_clean_keys_that_load_into_an_uncompiled_gpt(tmp_path, compose_train):
+    cfg = compose_train(
+        "model=tiny", "model.n_layer=1", "accelerator=cpu", "accelerator.compile=true", "trainer.max_steps=2",
+        "data.batch_size=2", "data.seq_len=32",
+    )  # fmt: skip
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if "_orig_mod" in k]
+    model = GPT(GPTConfig(**ckpt["hyper_parameters"]["model"]))
+    state_dict = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(state_dict, strict=True)  # every key present, none extra
+    assert torch.equal(model.lm_head.weight, ckpt["state_dict"]["model.lm_head.weight"])
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_cuda_fast_path_trains_compiled_in_bf16_and_checkpoints_clean_keys(compose_train):
+    cfg = compose_train("model=tiny", "accelerator=cuda", "accelerator.devices=1", "trainer.max_steps=3")
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 and not [k for k in ckpt["state_dict"] if "_orig_mod" in k]
+    assert torch.get_float32_matmul_precision() == "high"
