@@ -160,6 +160,7 @@ def encode_documents(documents: Iterable[str], num_proc: int) -> Iterator[np.nda
     if num_proc == 1:
         yield from map(encode_document, documents)
         return
+    gpt2_encoding()  # loaded before the fork, so the workers inherit it instead of each loading it
     with multiprocessing.Pool(num_proc) as pool:
         # chunks of documents amortize the inter-process traffic; imap keeps the order and streams
         yield from pool.imap(encode_document, documents, chunksize=16)

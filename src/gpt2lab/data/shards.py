@@ -59,10 +59,14 @@ def open_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.mem
         )
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
     if vocab_size is not None:
-        # chunked, so checking a 100M-token shard never holds it in memory at once
-        chunk = 1 << 24
+        # read in chunks (not through the map, whose touched pages would stay in this process's RSS), so
+        # checking a 100M-token shard never holds it in memory at once
+        chunk = 1 << 22
+        itemsize = np.dtype(TOKEN_DTYPE).itemsize
         for start in range(0, n_tokens, chunk):
-            top = int(tokens[start : start + chunk].max())
+            offset = HEADER_BYTES + start * itemsize
+            part = np.fromfile(path, dtype=TOKEN_DTYPE, count=min(chunk, n_tokens - start), offset=offset)
+            top = int(part.max())
             if top >= vocab_size:
                 raise ShardError(
                     f"shard {path} holds token id {top} >= vocab size {vocab_size}: written by another "
