@@ -421,3 +421,15 @@ def test_a_pass_holds_whole_optimizer_steps_and_a_changed_setup_refuses_the_stat
     state = WindowLoader(windows).state_dict()
     with pytest.raises(ValueError, match="had 10 batches per pass, this run has 8"):
         WindowLoader(windows, batches_per_step=4).load_state_dict(state)
+
+
+def test_loader_state_counts_batches_trained_on_not_those_workers_prefetched(even_shards):
+    windows = TokenWindows(even_shards, 4, 8)
+    loader = WindowLoader(windows, num_workers=2)  # workers load batches ahead of the consumer
+    for i, _ in enumerate(loader):
+        if i == 4:
+            break
+    assert loader.state_dict() == {"epoch": 0, "served": 5, "batches_per_epoch": 10}
+    resumed = WindowLoader(windows)
+    resumed.load_state_dict(loader.state_dict())
+    assert torch.equal(next(iter(resumed))[0], windows[5][0])

@@ -123,9 +123,15 @@ class HFDataset:
             raise RuntimeError(
                 f"data set {self.path} is read with Hugging Face `datasets`: pip install -e \".[data]\""
             ) from e
-        stream = datasets.load_dataset(
-            self.path, name=self.name, split=self.split, data_files=self.data_files, streaming=True
-        )
+        try:
+            stream = datasets.load_dataset(
+                self.path, name=self.name, split=self.split, data_files=self.data_files, streaming=True
+            )
+        except ConnectionError as e:
+            raise ConnectionError(
+                f"could not reach {self.path} on the Hugging Face Hub ({e}): prepare the shards on a machine "
+                f"with network access (python scripts/prepare_data.py) and copy the data dir {data_dir} here"
+            ) from e
         for row in stream:
             if self.text_field not in row:
                 raise KeyError(

@@ -17,6 +17,7 @@ pass, and memory bounded by one shard's window count, not the corpus.
 
 import bisect
 import hashlib
+import itertools
 import logging
 from functools import lru_cache
 from typing import Any
@@ -136,7 +137,7 @@ class WindowLoader:
         if self.served >= len(self):  # a pass that ended exactly at a checkpoint
             self.epoch, self.served = self.epoch + 1, 0
         epoch, start = self.epoch, self.served
-        order = [(epoch, g) for g in range(start, len(self))]
+        order = zip(itertools.repeat(epoch), range(start, len(self)))  # lazy: a pass may be 10^6 batches
         loader = DataLoader(
             self.windows, batch_size=None, sampler=order, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
