@@ -191,6 +191,9 @@ def tiny_train(run_dir: Path, data_dir: Path, *overrides: str) -> Path:
     """A 4-step model=tiny run; rng_states.txt in run_dir holds the RNG state before each batch."""
     base = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=4",
             "data.seq_len=64", "train.val_every_n_steps=4",
+            # the speed monitor's first start in a process measures the CPU's FLOP/s on torch.randn matrices
+            # (then caches it): that would shift the RNG stream of whichever run of the two comes first
+            "~callbacks.speed_monitor",
             f"+callbacks.rng_probe={{_target_:test_sample.RngProbe,path:'{run_dir / 'rng_states.txt'}'}}"]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*base, *overrides])
