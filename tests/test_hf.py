@@ -7,14 +7,15 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT
+from conftest import CONF_DIR, ROOT
 from gpt2lab.hf import export_hf
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.sample import generate, load_checkpoint
+from gpt2lab.sample import generate, load_checkpoint, sample_from_config
 from gpt2lab.train import train
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `.[dev]`
@@ -92,6 +93,13 @@ def test_exported_model_generates_what_ours_generates(hf_dir, tmp_path):
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                            pad_token_id=0)  # fmt: skip
     assert torch.equal(generate(ours, prompt, 20, temperature=0.0), expected)
+
+
+def test_sample_config_with_hf_samples_from_a_save_pretrained_dir(hf_dir):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"hf={hf_dir}", "prompt=a", "num_samples=2", "max_new_tokens=5", "device=cpu"])
+    texts = sample_from_config(cfg)
+    assert len(texts) == 2 and all(t.startswith("a") and len(t) > 1 for t in texts)
 
 
 def test_directory_that_is_not_a_gpt2_checkpoint_is_a_clear_error(tmp_path):
