@@ -223,7 +223,7 @@ def plot_unused_tokens(steps, loss, seen, mass, path: Path) -> None:
     top.plot(optimizer_steps, loss, label="val/loss")
     top.plot(optimizer_steps, seen, label="val/loss_seen_vocab (never-seen tokens masked)")
     top.fill_between(optimizer_steps, seen, loss, alpha=0.2, label="owed to never-seen tokens")
-    top.set(ylabel="loss (nats)", title=f"{path.parent.name}: where the early loss drop comes from")
+    top.set(ylabel="loss (nats)", title="where the early loss drop comes from")
     top.legend(fontsize="small")
     bottom.plot(optimizer_steps, mass, color="C3")
     bottom.set(xlabel="optimizer step", ylabel="val/unused_token_mass")
