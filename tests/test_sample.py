@@ -177,18 +177,19 @@ class Collect(logging.Handler):
 
 
 class RngProbe(L.Callback):
-    """Writes a digest of the global RNG state at the start of every training batch to `path`."""
+    """Writes a digest of the global RNG state, and whether the module is in train mode, at the start of
+    every training batch to `path`."""
 
     def __init__(self, path: str):
         self.path = Path(path)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         with self.path.open("a") as f:
-            f.write(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest() + "\n")
+            f.write(f"{hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()} {pl_module.training}\n")
 
 
 def tiny_train(run_dir: Path, data_dir: Path, *overrides: str) -> Path:
-    """A 4-step model=tiny run; rng_states.txt in run_dir holds the RNG state before each batch."""
+    """A 4-step model=tiny run; rng_states.txt in run_dir holds RngProbe's lines."""
     base = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=4",
             "data.seq_len=64", "train.val_every_n_steps=4",
             # the speed monitor's first start in a process measures the CPU's FLOP/s on torch.randn matrices
@@ -245,6 +246,7 @@ def test_text_samples_leave_the_training_losses_bitwise_unchanged(sampled_run, t
     # sampling draws from its own generator: the global RNG state before every batch is that of the plain run
     states = (run_dir / "rng_states.txt").read_text()
     assert states.count("\n") == 4 and states == (without / "rng_states.txt").read_text()
+    assert all(line.endswith(" True") for line in states.splitlines())  # train mode again after sampling
 
 
 @pytest.mark.slow
