@@ -65,8 +65,11 @@ class RunSummary:
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
     """Every Hydra job dir under sweep_dir, in job order (0, 1, …, 10, not 0, 1, 10)."""
-    dirs = [p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
-    return sorted(dirs, key=lambda d: [int(s) if s.isdigit() else s for s in d.relative_to(sweep_dir).parts])
+
+    def job_order(run_dir: Path) -> list[tuple]:
+        return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in run_dir.relative_to(sweep_dir).parts]
+
+    return sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")), key=job_order)
 
 
 def read_events(run_dir: Path) -> list[EventAccumulator]:
