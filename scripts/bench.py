@@ -155,6 +155,7 @@ def main(cfg: DictConfig) -> None:
     for group, names in groups.items():
         parent, child = ctx.Pipe()
         ctx.Process(target=worker, args=(child, container, names), daemon=True).start()
+        child.close()  # so that a worker that dies (e.g. out of memory) is an EOFError here, not a hang
         pipes.update({name: parent for name in names})
         peaks[group] = parent.recv()
     B, T = cfg.data.batch_size, cfg.data.seq_len

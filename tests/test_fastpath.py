@@ -94,3 +94,21 @@ def test_cuda_fast_path_trains_compiled_in_bf16_and_checkpoints_clean_keys(compo
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3 and not [k for k in ckpt["state_dict"] if "_orig_mod" in k]
     assert torch.get_float32_matmul_precision() == "high"
+
+
+@pytest.mark.slow
+def test_bench_times_all_four_candidates_and_prints_the_ratios(tmp_path, data_dir):
+    cmd = [
+        sys.executable, "scripts/bench.py", "model=tiny", "model.n_layer=1", "data.batch_size=2", "data.seq_len=32",
+        "bench.rounds=2", "bench.steps=1", "bench.warmup_steps=1", f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for label in ("(a) Lightning step", "(b) plain PyTorch loop", "(c) HF GPT2LMHeadModel", "(d) Lightning step"):
+        row = next(line for line in lines if line.startswith(label))
+        tokens_per_sec, step_ms, mfu = row.split()[-3:]
+        assert float(tokens_per_sec.replace(",", "")) > 0 and float(step_ms) > 0 and 0 < float(mfu.rstrip("%")) < 100
+    ratios = next(line for line in lines if line.startswith("(a)/(b)"))
+    assert [part.split("=")[0].strip() for part in ratios.split("   ")] == ["(a)/(b)", "(a)/(c)", "(d)/(c)"]
