@@ -6,11 +6,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2lab.callbacks.safe_stop import SafeStop
 from gpt2lab.config import check_config, grad_accum_steps
 from gpt2lab.fastpath import tune_malloc
 from gpt2lab.sweep import log_final_metrics
 
 log = logging.getLogger(__name__)
+
+
+class RunStopped(SystemExit):
+    """Training ended early (a signal, a non-finite step) after saving a checkpoint: exits non-zero."""
 
 
 def resume_from(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
@@ -57,6 +62,12 @@ def train(cfg: DictConfig) -> float:
 
     ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stop = next((c for c in trainer.callbacks if isinstance(c, SafeStop)), None)
+    if stop is not None and stop.reason:
+        raise RunStopped(
+            f"{stop.reason}.\nCheckpoint: {stop.checkpoint}\nResume with: python scripts/train.py "
+            f"<the same overrides> ckpt_path={stop.checkpoint}"
+        )
     if trainer.global_step % cfg.train.val_every_n_steps:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final val/loss is of the final weights
     val_loss = float(trainer.callback_metrics["val/loss"])
