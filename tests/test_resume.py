@@ -72,21 +72,34 @@ def train_losses(run_dir: Path, tag: str = "train/loss") -> list[tuple[int, floa
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def straight_run(tmp_path, corpus, data_dir, accum: int, *overrides: str) -> tuple[list[str], list]:
-    train_run(tmp_path / "straight", corpus, data_dir, f"train.total_batch_size={accum * B * T}", f"trainer.max_steps={N}", *overrides)
-    windows, losses = batches_seen(tmp_path / "straight"), train_losses(tmp_path / "straight")
-    assert [s for s, _ in losses] == list(range(N)) and len(windows) == N * accum
+ACCUM = 2  # micro-batches per optimizer step (the 2-rank resume in test_ddp takes 1)
+
+
+def train_accumulating(run_dir: Path, corpus: Path, data_dir: Path, *overrides: str) -> None:
+    train_run(run_dir, corpus, data_dir, f"train.total_batch_size={ACCUM * B * T}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus, text_data_dir) -> tuple[Path, list[str], list]:
+    """Straight to N, leaving a periodic checkpoint at K as a crash-safe run would."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    every_k = f"callbacks.model_checkpoint.every_n_train_steps={K}"
+    train_accumulating(run_dir, corpus, text_data_dir, f"trainer.max_steps={N}", every_k)
+    windows, losses = batches_seen(run_dir), train_losses(run_dir)
+    assert [s for s, _ in losses] == list(range(N)) and len(windows) == N * ACCUM
     assert len({w.split()[0] for w in windows}) >= 2, "the run should cross an epoch boundary"
-    return windows, losses
+    return run_dir, windows, losses
 
 
 @pytest.mark.slow
-def test_run_stopped_and_resumed_with_ckpt_path_last_sees_what_an_uninterrupted_run_sees(tmp_path, corpus, text_data_dir):
-    windows, losses = straight_run(tmp_path, corpus, text_data_dir, 1)
+def test_run_stopped_and_resumed_with_ckpt_path_last_sees_what_an_uninterrupted_run_sees(
+    tmp_path, corpus, text_data_dir, straight
+):
+    _, windows, losses = straight
     # stopped after K steps, then continued to N by `ckpt_path=last` in its run dir, in a new process
     stopped = tmp_path / "stopped"
-    train_run(stopped, corpus, text_data_dir, f"trainer.max_steps={K}")
-    train_run(stopped, corpus, text_data_dir, f"trainer.max_steps={N}", "ckpt_path=last")
+    train_accumulating(stopped, corpus, text_data_dir, f"trainer.max_steps={K}")
+    train_accumulating(stopped, corpus, text_data_dir, f"trainer.max_steps={N}", "ckpt_path=last")
     assert batches_seen(stopped) == windows  # the same windows, none repeated or skipped
     # bitwise: TensorBoard keeps the float32 values. (Lightning logs the steps after a resume from a
     # checkpoint written at the end of fit one index late: the data and the losses are the ones compared)
@@ -95,17 +108,12 @@ def test_run_stopped_and_resumed_with_ckpt_path_last_sees_what_an_uninterrupted_
 
 
 @pytest.mark.slow
-def test_run_resumed_from_a_periodic_checkpoint_with_gradient_accumulation_continues_exactly(
-    tmp_path, corpus, text_data_dir
-):
-    accum = 2
-    windows, losses = straight_run(
-        tmp_path, corpus, text_data_dir, accum, f"callbacks.model_checkpoint.every_n_train_steps={K}"
-    )
+def test_run_resumed_from_a_periodic_checkpoint_continues_exactly(tmp_path, corpus, text_data_dir, straight):
+    straight_dir, windows, losses = straight
     # as after a crash: a new process, a new run dir, the checkpoint the killed run left at step K
-    ckpt = tmp_path / "straight" / "checkpoints" / f"step{K:06d}.ckpt"
-    train_run(tmp_path / "resumed", corpus, text_data_dir, f"train.total_batch_size={accum * B * T}", f"trainer.max_steps={N}", f"ckpt_path={ckpt}")
-    assert batches_seen(tmp_path / "resumed") == windows[K * accum :]
+    ckpt = straight_dir / "checkpoints" / f"step{K:06d}.ckpt"
+    train_accumulating(tmp_path / "resumed", corpus, text_data_dir, f"trainer.max_steps={N}", f"ckpt_path={ckpt}")
+    assert batches_seen(tmp_path / "resumed") == windows[K * ACCUM :]
     assert train_losses(tmp_path / "resumed") == losses[K:]  # the steps too
 
 

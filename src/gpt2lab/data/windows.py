@@ -19,6 +19,7 @@ import bisect
 import hashlib
 import itertools
 import logging
+import mmap
 from functools import lru_cache
 from typing import Any
 
@@ -46,6 +47,7 @@ class TokenWindows(Dataset):
         self.windows_per_global_batch = batch_size * world_size
         self.batches_per_shard = [(len(s) - 1) // (self.windows_per_global_batch * seq_len) for s in shards]
         self.first_batch_of_shard = np.cumsum([0] + self.batches_per_shard).tolist()
+        self._current_shard: int | None = None
         if len(self) == 0:
             raise ValueError(
                 f"{sum(len(s) for s in shards)} tokens in {len(shards)} shard(s) do not fill one batch of "
@@ -65,8 +67,19 @@ class TokenWindows(Dataset):
             return self._contiguous_batch(g)
         return self._shuffled_batch(epoch, g)
 
+    def _enter(self, shard: int) -> None:
+        """Release the pages of the shard read before this one from this process's memory map: they
+        would otherwise count in its RSS until the end of the pass, which then grows with the corpus.
+        (They stay in the page cache, so reading the shard again is no slower.)"""
+        if shard != self._current_shard:
+            previous, self._current_shard = self._current_shard, shard
+            mapping = getattr(self.shards[previous], "_mmap", None) if previous is not None else None
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
+
     def _contiguous_batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         shard = bisect.bisect_right(self.first_batch_of_shard, g) - 1
+        self._enter(shard)
         global_batch_in_shard = g - self.first_batch_of_shard[shard]
         start = (global_batch_in_shard * self.world_size + self.rank) * self.B * self.T
         buf = torch.from_numpy(self.shards[shard][start : start + self.B * self.T + 1].astype(np.int64))
@@ -79,6 +92,7 @@ class TokenWindows(Dataset):
         first_batch = np.cumsum([0] + [self.batches_per_shard[s] for s in order]).tolist()
         i = bisect.bisect_right(first_batch, g) - 1
         shard = order[i]
+        self._enter(shard)
         windows = self._window_order(epoch, shard)
         first_window = ((g - first_batch[i]) * self.world_size + self.rank) * self.B
         tokens = self.shards[shard]
