@@ -97,12 +97,13 @@ def test_training_logs_hellaswag_and_the_script_scores_the_checkpoint(tmp_path, 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
             f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "accelerator=cpu",
-            "trainer.max_steps=3", "data.seq_len=32", "callbacks=[default,hellaswag]",
+            "trainer.max_steps=3", "data.seq_len=32", "train.total_batch_size=256", "callbacks=[default,hellaswag]",
             "callbacks.hellaswag.every_n_steps=2", f"callbacks.hellaswag.load_examples.path={examples_file}",
         ])  # fmt: skip
     train(cfg)
     logged = scalars(run_dir)
-    assert [s for s, _ in logged["hellaswag/acc_norm"]] == [1, 2]  # after optimizer steps 2 and 3 (the last)
+    # after optimizer steps 2 and 3 (the last), each of 2 micro-batches: never mid-step
+    assert [s for s, _ in logged["hellaswag/acc_norm"]] == [1, 2]
     assert all(v in (0, 1 / 3, 2 / 3, 1) for _, v in logged["hellaswag/acc_norm"] + logged["hellaswag/acc"])
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

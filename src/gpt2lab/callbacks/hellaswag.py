@@ -21,9 +21,12 @@ class HellaSwagEval(L.Callback):
         trainer.strategy.barrier()
         self.examples = self.load_examples()
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_step = trainer.global_step  # 0, or the step a resumed run starts from
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps done
-        if step == getattr(self, "last_step", None):
+        if step == self.last_step:
             return  # accumulating gradients: not an optimizer step
         self.last_step = step
         if step % self.every_n_steps and step != trainer.max_steps:
