@@ -22,11 +22,12 @@ def data_dir(tmp_path_factory) -> Path:
 def compose_train(tmp_path, data_dir):
     """Compose conf/train.yaml as `scripts/train.py` would, with the run dir in tmp_path."""
 
-    def _compose(*overrides: str) -> DictConfig:
+    def _compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(
                 "train",
                 overrides=[f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}", *overrides],
+                return_hydra_config=return_hydra_config,
             )
 
     return _compose

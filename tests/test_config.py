@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -19,11 +20,19 @@ def test_every_group_has_options():
     assert {o for g, o in OPTIONS if g == "accelerator"} == {"auto", "cpu", "cuda", "mps"}
 
 
+# `# @package _global_` groups: they set keys all over the config, not a node of their own
+GLOBAL_GROUPS = {"experiment", "hparams_search"}
+# options that take values from another choice, composed with it
+COMPOSED_WITH = {("trainer", "slurm"): ["hydra/launcher=slurm"]}
+
+
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_of_every_group_composes_and_resolves(compose_train, group, option):
-    cfg = compose_train(f"{group}={option}")
-    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation has a value
-    assert resolved[group] is not None
+    cfg = compose_train(f"{group}={option}", *COMPOSED_WITH.get((group, option), []), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as a real run does: ${hydra:...} values resolve
+    resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}  # fmt: skip  (every interpolation has a value)
+    assert group in GLOBAL_GROUPS or resolved[group] is not None
     assert isinstance(instantiate(cfg.model), GPTConfig)
     assert callable(instantiate(cfg.init)) and callable(instantiate(cfg.optim)) and callable(instantiate(cfg.scheduler))
 
