@@ -160,8 +160,10 @@ def main(cfg: DictConfig) -> None:
         peaks[group] = parent.recv()
     B, T = cfg.data.batch_size, cfg.data.seq_len
     tokens_per_step = B * T
-    print(f"model={cfg.model.n_layer}x{cfg.model.n_embd} B={B} T={T} on {cfg.accelerator.name}; fast path: "
-          f"precision {cfg.accelerator.precision}, compile {cfg.accelerator.compile}, malloc {cfg.accelerator.malloc}")
+    print(
+        f"model={cfg.model.n_layer}x{cfg.model.n_embd} B={B} T={T} on {cfg.accelerator.name}; fast path: "
+        f"precision {cfg.accelerator.precision}, compile {cfg.accelerator.compile}, malloc {cfg.accelerator.malloc}"
+    )
     order = list(LABELS)
     for name in order:  # warm-up: lazy init, optimizer state, compilation
         pipes[name].send((name, cfg.bench.warmup_steps))
@@ -178,11 +180,15 @@ def main(cfg: DictConfig) -> None:
     print(f"\n{'candidate':34} {'tokens/s':>10} {'step ms':>9} {'MFU':>7}")
     for name in order:
         peak = peaks["fast" if name == "fastpath" else "equal"]
-        print(f"{LABELS[name]:34} {median[name]:>10,.0f} {1000 * tokens_per_step / median[name]:>9.1f} "
-              f"{fpt * median[name] / peak:>7.2%}")
+        print(
+            f"{LABELS[name]:34} {median[name]:>10,.0f} {1000 * tokens_per_step / median[name]:>9.1f} "
+            f"{fpt * median[name] / peak:>7.2%}"
+        )
     print(f"peak FLOP/s: {peaks['equal']:.3g} (fp32), {peaks['fast']:.3g} (fast path)")
-    print(f"(a)/(b) = {median['lightning'] / median['plain']:.3f}   (a)/(c) = {median['lightning'] / median['hf']:.3f}"
-          f"   (d)/(c) = {median['fastpath'] / median['hf']:.3f}")
+    print(
+        f"(a)/(b) = {median['lightning'] / median['plain']:.3f}   (a)/(c) = {median['lightning'] / median['hf']:.3f}"
+        f"   (d)/(c) = {median['fastpath'] / median['hf']:.3f}"
+    )
     for pipe in set(pipes.values()):
         pipe.send(None)
 

@@ -103,7 +103,7 @@ def test_bench_times_all_four_candidates_and_prints_the_ratios(tmp_path, data_di
         "bench.rounds=2", "bench.steps=1", "bench.warmup_steps=1", f"paths.data_dir={data_dir}",
         f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     for label in ("(a) Lightning step", "(b) plain PyTorch loop", "(c) HF GPT2LMHeadModel", "(d) Lightning step"):

@@ -6,14 +6,14 @@ import json
 import pytest
 import tiktoken
 import torch
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
+from test_train import scalars
 from torch.nn import functional as F
 
-from conftest import CONF_DIR
 from gpt2lab import hellaswag
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.train import train
-from test_train import scalars
 
 THE = 262  # GPT-2's token for " the"
 

@@ -1,16 +1,18 @@
 """Per-optimizer-step monitoring: loss averaged over micro-batches, gradient norm before clipping, step time,
 tokens/s and MFU, read back from real TensorBoard files of a real run."""
 
+from typing import ClassVar
+
 import lightning as L
 import pytest
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
+from test_train import scalars
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2lab.callbacks.monitor import flops_per_token, peak_flops
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.train import train
-from test_train import scalars
 
 
 @pytest.mark.parametrize("seq_len", [64, 256])
@@ -41,7 +43,7 @@ def test_gpu_peak_comes_from_the_datasheet_table():
 class MicroBatchLosses(L.Callback):
     """Records the loss each micro-batch's training_step returned, as Lightning hands it to callbacks."""
 
-    seen: list[float] = []  # class-level: Hydra instantiates the callback inside train()
+    seen: ClassVar[list[float]] = []  # class-level: Hydra instantiates the callback inside train()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Lightning hands over the loss it back-propagated: divided by the number of micro-batches
@@ -50,9 +52,8 @@ class MicroBatchLosses(L.Callback):
 
 @pytest.fixture(scope="module")
 def accumulating_run(tmp_path_factory, data_dir):
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
 
     run_dir = tmp_path_factory.mktemp("run")
     overrides = [

@@ -79,9 +79,9 @@ def ending_losses(model: GPT, tokens: torch.Tensor, mask: torch.Tensor) -> tuple
     """Per row: the cross-entropy of the masked (ending) tokens, summed and averaged over them."""
     logits, _ = model(tokens)  # (N, L, vocab)
     # position t predicts token t+1: score the ending tokens 1..L-1 from the logits at 0..L-2
-    losses = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
-    ).view(tokens.size(0), -1)  # (N, L-1)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(
+        tokens.size(0), -1
+    )  # (N, L-1)
     m = mask[:, 1:].float()
     summed = (losses * m).sum(dim=1)
     return summed, summed / m.sum(dim=1)
