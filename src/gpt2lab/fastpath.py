@@ -55,8 +55,10 @@ def tune_malloc(mmap_max: int, trim_threshold: int) -> bool:
 def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` n×n matmuls on this device at `dtype`: the ceiling a CPU reaches in
     practice, where no datasheet figure applies. Measured once per process."""
-    a = torch.randn(n, n, device=device_type, dtype=dtype)
-    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    # constant operands: a dense matmul takes as long for any values, and drawing random ones would
+    # shift the global RNG stream of the run being measured
+    a = torch.full((n, n), 1.0 / n, device=device_type, dtype=dtype)
+    b = a.clone()
     best = float("inf")
     for _ in range(repeats):
         if device_type == "cuda":
