@@ -26,10 +26,18 @@ GLOBAL_GROUPS = {"experiment", "hparams_search"}
 COMPOSED_WITH = {("trainer", "slurm"): ["hydra/launcher=slurm"]}
 
 
+@pytest.fixture
+def hydra_runtime():
+    """Hydra's runtime config for one test, as a real run has it; cleared after, so no later test believes
+    it runs inside Hydra (e.g. in a multirun)."""
+    yield HydraConfig.instance()
+    HydraConfig.instance().cfg = None
+
+
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_of_every_group_composes_and_resolves(compose_train, group, option):
+def test_every_option_of_every_group_composes_and_resolves(compose_train, hydra_runtime, group, option):
     cfg = compose_train(f"{group}={option}", *COMPOSED_WITH.get((group, option), []), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # as a real run does: ${hydra:...} values resolve
+    hydra_runtime.set_config(cfg)  # ${hydra:...} values resolve
     resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in cfg if k != "hydra"}  # fmt: skip  (every interpolation has a value)
     assert group in GLOBAL_GROUPS or resolved[group] is not None
