@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
@@ -31,3 +32,11 @@ def compose_train(tmp_path, data_dir):
             )
 
     return _compose
+
+
+@pytest.fixture
+def hydra_runtime():
+    """Hydra's runtime config for one test, as a real run has it (`hydra_runtime.set_config(cfg)`, so that
+    ${hydra:...} values resolve); cleared after, so no later test believes it runs inside Hydra."""
+    yield HydraConfig.instance()
+    HydraConfig.instance().cfg = None

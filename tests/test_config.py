@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -24,14 +23,6 @@ def test_every_group_has_options():
 GLOBAL_GROUPS = {"experiment", "hparams_search"}
 # options that take values from another choice, composed with it
 COMPOSED_WITH = {("trainer", "slurm"): ["hydra/launcher=slurm"]}
-
-
-@pytest.fixture
-def hydra_runtime():
-    """Hydra's runtime config for one test, as a real run has it; cleared after, so no later test believes
-    it runs inside Hydra (e.g. in a multirun)."""
-    yield HydraConfig.instance()
-    HydraConfig.instance().cfg = None
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
