@@ -98,7 +98,7 @@ class GPTModule(L.LightningModule):
         self.log("train/loss", torch.stack(self.step_losses).mean(), prog_bar=True, sync_dist=True)
         self.step_losses.clear()
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = self._grad_norm = torch.nn.utils.get_total_norm(grads)  # reused by the clipping
         self.log("train/grad_norm", grad_norm)
         if not torch.isfinite(grad_norm):
             # a NaN/inf loss gives NaN gradients too. Dropping the gradients makes AdamW skip every
@@ -117,7 +117,7 @@ class GPTModule(L.LightningModule):
         # inside step(); bf16 has no gradient scaler, so here the gradients are the true ones
         if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             assert gradient_clip_algorithm in (None, "norm"), gradient_clip_algorithm
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, self._grad_norm)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
