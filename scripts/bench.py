@@ -32,9 +32,16 @@ LABELS = {
 }
 
 
-def batches(datamodule):
+def batches(datamodule, device: torch.device):
     while True:  # a fresh pass whenever the loader ends
-        yield from datamodule.train_dataloader()
+        for x, y in datamodule.train_dataloader():
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued kernels: a GPU step has only been launched when the Python code returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Gate(L.Callback):
@@ -57,21 +64,35 @@ class Gate(L.Callback):
 class LightningCandidate:
     def __init__(self, cfg: DictConfig, precision: str, compile: bool):
         module = instantiate(cfg.module, compile=compile)
-        self.gate = Gate()
+        self.gate, self.device = Gate(), torch.device(cfg.accelerator.name)
         trainer = L.Trainer(
             accelerator=cfg.accelerator.name, devices=1, precision=precision, max_steps=10**9, max_epochs=-1,
             gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[self.gate],
         )  # fmt: skip
         datamodule = instantiate(cfg.data)
-        threading.Thread(target=trainer.fit, args=(module, datamodule), daemon=True).start()
-        self.gate.finished.acquire()  # set up, first batch loaded
+        self.error = None
+        threading.Thread(target=self._fit, args=(trainer, module, datamodule), daemon=True).start()
+        self._wait()  # set up, first batch loaded
+
+    def _fit(self, trainer, module, datamodule):
+        try:
+            trainer.fit(module, datamodule)
+        except Exception as error:  # noqa: BLE001  (handed to the waiting driver, not lost with this thread)
+            self.error = error
+            self.gate.finished.release()
+
+    def _wait(self):
+        self.gate.finished.acquire()
+        if self.error is not None:
+            raise RuntimeError("the Lightning candidate's training loop failed") from self.error
 
     def run(self, steps: int) -> float:
         t0 = time.perf_counter()
         self.gate.quota = steps
         self.gate.requests.release()
-        self.gate.finished.acquire()
+        self._wait()
+        synchronize(self.device)
         return time.perf_counter() - t0
 
 
@@ -82,7 +103,8 @@ class LoopCandidate:
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()
         datamodule.setup("fit")
-        self.batches = batches(datamodule)
+        self.device = torch.device(cfg.accelerator.name)
+        self.batches = batches(datamodule, self.device)
         if hf:
             from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -95,6 +117,7 @@ class LoopCandidate:
         else:
             self.model = instantiate(cfg.module).model
             self.forward = lambda x: self.model(x)[0]
+        self.model.to(self.device)
         params = list(self.model.parameters())
         groups = [
             {"params": [p for p in params if p.dim() >= 2]},
@@ -117,6 +140,7 @@ class LoopCandidate:
             self.optimizer.step()
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
         return time.perf_counter() - t0
 
 
@@ -149,6 +173,7 @@ def worker(conn, cfg_container: dict, names: list[str]) -> None:
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)  # the device, the presets: as the driver sees them
     container = OmegaConf.to_container(cfg)
+    instantiate(cfg.data).prepare_data()  # here: the workers are daemons, which may not start tokenizer processes
     ctx = mp.get_context("spawn")
     groups = {"equal": ["lightning", "plain", "hf"], "fast": ["fastpath"]}
     pipes, peaks = {}, {}

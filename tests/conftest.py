@@ -12,6 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the Linux kernel reports them (independent of torch); empty elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# what the cpu preset should pick here: bf16 autocast only where the CPU multiplies bf16 in hardware
+CPU_NATIVE_BF16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+CPU_PRECISION = "bf16-mixed" if CPU_NATIVE_BF16 else "32-true"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One data dir for the session; Tiny Shakespeare is prepared into it by the first run that needs it

@@ -5,7 +5,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, CPU_PRECISION
 from gpt2lab.model import GPTConfig
 from gpt2lab.train import train
 
@@ -36,15 +36,15 @@ def test_every_option_of_every_group_composes_and_resolves(compose_train, hydra_
     assert callable(instantiate(cfg.init)) and callable(instantiate(cfg.optim)) and callable(instantiate(cfg.scheduler))
 
 
-def test_auto_accelerator_picks_cpu_here_with_full_precision(compose_train):
+def test_auto_accelerator_picks_cpu_here_with_its_precision(compose_train):
     acc = compose_train("accelerator=auto").accelerator
-    assert (acc.name, acc.precision, acc.compile) == ("cpu", "32-true", False)
+    assert (acc.name, acc.precision, acc.compile) == ("cpu", CPU_PRECISION, False)
     assert compose_train().trainer.accelerator == "cpu"
 
 
 @pytest.mark.parametrize(
     "device, precision, compile",
-    [("cuda", "bf16-mixed", True), ("mps", "32-true", False), ("cpu", "32-true", False)],
+    [("cuda", "bf16-mixed", True), ("mps", "32-true", False), ("cpu", CPU_PRECISION, False)],
 )
 def test_each_accelerator_sets_the_trainer_and_a_precision_that_works_there(compose_train, device, precision, compile):
     cfg = compose_train(f"accelerator={device}")
