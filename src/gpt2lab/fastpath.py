@@ -11,9 +11,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# glibc's <malloc.h> parameter numbers for mallopt
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
+# glibc's <malloc.h> parameter numbers for mallopt, by the names accelerator.malloc uses
+MALLOPT_PARAMS = {"trim_threshold": -1, "mmap_max": -4, "arena_max": -8}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -27,27 +26,32 @@ def cpu_default_precision() -> str:
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
-def tune_malloc(mmap_max: int, trim_threshold: int) -> bool:
+def tune_malloc(**settings: int) -> bool:
     """Set glibc's allocator parameters for this process (as GLIBC_TUNABLES would at exec time).
 
     By default glibc serves each large block (activations, gradients) with its own mmap and gives it back
     to the OS on free, so every training step pays page faults and zeroing again for the same sizes.
-    mmap_max=0 serves them from the heap; a high trim_threshold keeps freed heap memory for reuse. The
-    price: the process keeps its peak memory. Returns False (and changes nothing) where libc is not glibc.
+    mmap_max=0 serves them from the heap; a high trim_threshold keeps freed heap memory for reuse;
+    arena_max=1 makes every thread allocate from that one heap (a thread's own arena ignores the first
+    two and maps and unmaps as before). The price: the process keeps its peak memory. Returns False (and
+    changes nothing) where libc is not glibc.
     """
-    for key, value in (("mmap_max", mmap_max), ("trim_threshold", trim_threshold)):
+    for key, value in settings.items():
+        if key not in MALLOPT_PARAMS:
+            raise ValueError(f"accelerator.malloc.{key}: unknown; the settings are {', '.join(MALLOPT_PARAMS)}")
         if not (isinstance(value, int) and 0 <= value < 2**31):  # mallopt takes a C int
             raise ValueError(
-                f"accelerator.malloc.{key}={value!r}: must be an integer in [0, 2^31), e.g. "
-                "{mmap_max: 0, trim_threshold: 2147483647}; or accelerator.malloc=null for glibc's defaults"
+                f"accelerator.malloc.{key}={value!r}: must be an integer in [0, 2^31), e.g. {{mmap_max: 0, "
+                "trim_threshold: 2147483647, arena_max: 1}; or accelerator.malloc=null for glibc's defaults"
             )
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         log.info("malloc settings skipped: libc is not glibc (%s)", platform.libc_ver()[0] or platform.system())
         return False
     libc = ctypes.CDLL(None)
-    libc.mallopt(M_MMAP_MAX, mmap_max)
-    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
-    log.info("glibc malloc: mmap_max=%d, trim_threshold=%d", mmap_max, trim_threshold)
+    for key, value in settings.items():
+        if not libc.mallopt(MALLOPT_PARAMS[key], value):
+            raise OSError(f"glibc refused mallopt {key}={value}")
+    log.info("glibc malloc: %s", ", ".join(f"{k}={v}" for k, v in settings.items()))
     return True
 
 
