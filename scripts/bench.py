@@ -190,6 +190,7 @@ def main(cfg: DictConfig) -> None:
         child.close()  # so that a worker that dies (e.g. out of memory) is an EOFError here, not a hang
         pipes.update({name: parent for name in names})
         peaks[group] = parent.recv()
+    peaks["stock"] = peaks["equal"]  # one fp32 peak for every fp32 candidate: their MFUs compare like their speeds
     B, T = cfg.data.batch_size, cfg.data.seq_len
     tokens_per_step = B * T
     print(

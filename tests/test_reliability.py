@@ -155,9 +155,16 @@ def test_bad_values_of_the_train_node_are_refused_at_compose_time(compose_train,
         compose_train(override)
 
 
-def test_config_error_is_one_line_without_traceback(tmp_path, data_dir):
-    proc = start_training(tmp_path, data_dir, "trainer.max_steps=abc")
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_steps=abc", "config error: trainer.max_steps='abc': expected an integer"),
+        ("ckpt_path=missing.ckpt", "config error: ckpt_path=missing.ckpt: no checkpoint at missing.ckpt"),
+    ],
+)
+def test_config_error_is_one_line_without_traceback(tmp_path, data_dir, override, message):
+    proc = start_training(tmp_path, data_dir, override)
     err, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert "config error: trainer.max_steps='abc': expected an integer" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "outputs/runs").exists() or not list((tmp_path / "outputs/runs").glob("*/checkpoints"))

@@ -118,11 +118,12 @@ def test_run_resumed_from_a_periodic_checkpoint_continues_exactly(tmp_path, corp
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_how_to_resume(tmp_path):
+    from gpt2lab.config import ConfigError
     from gpt2lab.train import resume_from
 
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*last.ckpt; resume a run with `python scripts/"):
+    with pytest.raises(ConfigError, match=r"no checkpoint at .*last.ckpt; resume a run with `python scripts/"):
         resume_from("last", str(tmp_path / "checkpoints"))
-    with pytest.raises(FileNotFoundError, match="ckpt_path=missing.ckpt: no checkpoint at missing.ckpt"):
+    with pytest.raises(ConfigError, match="ckpt_path=missing.ckpt: no checkpoint at missing.ckpt"):
         resume_from("missing.ckpt", str(tmp_path / "checkpoints"))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")

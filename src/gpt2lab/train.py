@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.callbacks.safe_stop import SafeStop
-from gpt2lab.config import check_config, grad_accum_steps
+from gpt2lab.config import ConfigError, check_config, grad_accum_steps
 from gpt2lab.fastpath import tune_malloc
 from gpt2lab.sweep import log_final_metrics
 
@@ -26,7 +26,7 @@ def resume_from(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
     path = Path(checkpoint_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         how = "python scripts/train.py ckpt_path=last hydra.run.dir=outputs/runs/<the run to resume>"
-        raise FileNotFoundError(
+        raise ConfigError(
             f"ckpt_path={ckpt_path}: no checkpoint at {path}; resume a run with `{how}`, "
             "or set ckpt_path=<a .ckpt file>"
         )
@@ -37,6 +37,7 @@ def train(cfg: DictConfig) -> float:
     """Instantiate data, module, callbacks, loggers and Trainer from `cfg`, fit, and return the final
     val/loss (the metric a sweeper minimizes)."""
     check_config(cfg)
+    ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)  # before any work
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
@@ -60,7 +61,6 @@ def train(cfg: DictConfig) -> float:
     trainer.accumulate_grad_batches = accum
     trainer.val_check_interval = cfg.train.val_every_n_steps * accum  # Lightning counts micro-batches
 
-    ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     stop = next((c for c in trainer.callbacks if isinstance(c, SafeStop)), None)
     if stop is not None and stop.reason:
