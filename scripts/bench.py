@@ -169,7 +169,7 @@ def worker(conn, cfg_container: dict, names: list[str]) -> None:
             candidates[name] = LoopCandidate(cfg, hf=name.startswith("hf"))
     precision = cfg.accelerator.precision if fast else "32-true"
     peak = cfg.bench.peak_flops or peak_flops(torch.device(cfg.accelerator.name), precision)
-    conn.send(peak)
+    conn.send((precision, peak))
     while (request := conn.recv()) is not None:
         name, steps = request
         conn.send(candidates[name].run(steps))
@@ -182,15 +182,15 @@ def main(cfg: DictConfig) -> None:
     instantiate(cfg.data).prepare_data()  # here: the workers are daemons, which may not start tokenizer processes
     ctx = mp.get_context("spawn")
     groups = {"equal": ["lightning", "plain", "hf"], "stock": ["hf_stock"], "fast": ["fastpath"]}
-    group_of = {name: group for group, names in groups.items() for name in names}
-    pipes, peaks = {}, {}
+    pipes, peaks, precision_of = {}, {}, {}
     for group, names in groups.items():
         parent, child = ctx.Pipe()
         ctx.Process(target=worker, args=(child, container, names), daemon=True).start()
         child.close()  # so that a worker that dies (e.g. out of memory) is an EOFError here, not a hang
         pipes.update({name: parent for name in names})
-        peaks[group] = parent.recv()
-    peaks["stock"] = peaks["equal"]  # one fp32 peak for every fp32 candidate: their MFUs compare like their speeds
+        precision, peak = parent.recv()
+        precision_of.update({name: precision for name in names})
+        peaks.setdefault(precision, peak)  # one peak per precision: MFUs at a precision compare like the speeds
     B, T = cfg.data.batch_size, cfg.data.seq_len
     tokens_per_step = B * T
     print(
@@ -212,12 +212,12 @@ def main(cfg: DictConfig) -> None:
     median = {name: statistics.median(v) for name, v in rates.items()}
     print(f"\n{'candidate':40} {'tokens/s':>10} {'step ms':>9} {'MFU':>7}")
     for name in order:
-        peak = peaks[group_of[name]]
+        peak = peaks[precision_of[name]]
         print(
             f"{LABELS[name]:40} {median[name]:>10,.0f} {1000 * tokens_per_step / median[name]:>9.1f} "
             f"{fpt * median[name] / peak:>7.2%}"
         )
-    print(f"peak FLOP/s: {peaks['equal']:.3g} (fp32), {peaks['fast']:.3g} (fast path)")
+    print("peak FLOP/s: " + ", ".join(f"{peak:.3g} ({precision})" for precision, peak in peaks.items()))
     print(
         f"(a)/(b) = {median['lightning'] / median['plain']:.3f}   (a)/(c) = {median['lightning'] / median['hf']:.3f}"
         f"   (d)/(c0) = {median['fastpath'] / median['hf_stock']:.3f}"

@@ -33,17 +33,22 @@ def data_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("GPT2LAB_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
 
 
+def compose_train_in(run_dir: Path, data_dir: Path, *overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """Compose conf/train.yaml as `scripts/train.py` would, for a run in `run_dir`."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", *overrides],
+            return_hydra_config=return_hydra_config,
+        )
+
+
 @pytest.fixture
 def compose_train(tmp_path, data_dir):
-    """Compose conf/train.yaml as `scripts/train.py` would, with the run dir in tmp_path."""
+    """compose_train_in with the run dir in tmp_path."""
 
     def _compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(
-                "train",
-                overrides=[f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}", *overrides],
-                return_hydra_config=return_hydra_config,
-            )
+        return compose_train_in(tmp_path / "run", data_dir, *overrides, return_hydra_config=return_hydra_config)
 
     return _compose
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_NATIVE_BF16, CPU_PRECISION
+from conftest import CPU_NATIVE_BF16, CPU_PRECISION, compose_train_in
 from test_train import scalars
 
 from gpt2lab.fastpath import cpu_has_native_bf16, tune_malloc
@@ -31,18 +31,12 @@ def test_cpu_bf16_is_the_default_exactly_where_the_cpu_has_bf16_instructions(com
 @pytest.mark.skipif(not CPU_NATIVE_BF16, reason="bf16 is the cpu default only on CPUs with AVX512-BF16 / AMX")
 def test_default_cpu_bf16_follows_the_fp32_loss_curve(tmp_path, data_dir):
     """Where bf16 autocast is the CPU default, it must train like fp32: the same loss, step for step."""
-    from conftest import CONF_DIR
-    from hydra import compose, initialize_config_dir
-
     losses = {}
     for precision in ("bf16-mixed", "32-true"):
         run_dir = tmp_path / precision
-        overrides = [
-            f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "accelerator=cpu",
-            f"accelerator.precision={precision}", "trainer.max_steps=20", "~callbacks.text_samples",
-        ]  # fmt: skip
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            train(compose("train", overrides=overrides))
+        overrides = ["model=tiny", "accelerator=cpu", f"accelerator.precision={precision}", "trainer.max_steps=20",
+                     "~callbacks.text_samples"]  # fmt: skip
+        train(compose_train_in(run_dir, data_dir, *overrides))
         losses[precision] = [v for _, v in scalars(run_dir)["train/loss"]]
     bf16, fp32 = losses["bf16-mixed"], losses["32-true"]
     assert len(bf16) == len(fp32) == 20 and fp32[-1] < fp32[0] - 1  # it learned
