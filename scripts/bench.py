@@ -64,11 +64,14 @@ class Gate(L.Callback):
 
 
 class LightningCandidate:
-    def __init__(self, cfg: DictConfig, precision: str, compile: bool):
-        module = instantiate(cfg.module, compile=compile)
+    """Our training step in a real Trainer, at the config's accelerator settings (precision, compile, attention)."""
+
+    def __init__(self, cfg: DictConfig):
+        module = instantiate(cfg.module)
         self.gate, self.device = Gate(), torch.device(cfg.accelerator.name)
         trainer = L.Trainer(
-            accelerator=cfg.accelerator.name, devices=1, precision=precision, max_steps=10**9, max_epochs=-1,
+            accelerator=cfg.accelerator.name, devices=1, precision=cfg.accelerator.precision, max_steps=10**9,
+            max_epochs=-1,
             gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[self.gate],
         )  # fmt: skip
@@ -149,41 +152,50 @@ class LoopCandidate:
 def worker(conn, cfg_container: dict, names: list[str]) -> None:
     """One process: its allocator setting first, then its candidates; runs what the driver asks."""
     cfg = OmegaConf.create(cfg_container)
-    fast = "fastpath" in names
+    malloc = cfg.accelerator.malloc
     if "lightning" in names:
         # one heap for all threads: the Lightning candidate trains in a thread of its own, which would
         # otherwise allocate from an arena of its own, unlike (b) and (c) and a real run
-        tune_malloc(**{**(cfg.accelerator.malloc or {}), "arena_max": 1})
-    elif fast and cfg.accelerator.malloc:
-        tune_malloc(**cfg.accelerator.malloc)
+        malloc = {**(malloc or {}), "arena_max": 1}
+    if malloc:
+        tune_malloc(**malloc)
+    if cfg.accelerator.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
     L.seed_everything(cfg.seed, verbose=False)
-    candidates = {}
-    for name in names:
-        if name == "lightning":
-            candidates[name] = LightningCandidate(cfg, precision="32-true", compile=False)
-        elif name == "fastpath":
-            if cfg.accelerator.matmul_precision:
-                torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
-            candidates[name] = LightningCandidate(cfg, cfg.accelerator.precision, cfg.accelerator.compile)
-        else:
-            candidates[name] = LoopCandidate(cfg, hf=name.startswith("hf"))
-    precision = cfg.accelerator.precision if fast else "32-true"
-    peak = cfg.bench.peak_flops or peak_flops(torch.device(cfg.accelerator.name), precision)
-    conn.send((precision, peak))
+    candidates = {
+        name: LightningCandidate(cfg) if name in ("lightning", "fastpath") else LoopCandidate(cfg, hf=name.startswith("hf"))
+        for name in names
+    }
+    precision = cfg.accelerator.precision
+    conn.send((precision, cfg.bench.peak_flops or peak_flops(torch.device(cfg.accelerator.name), precision)))
     while (request := conn.recv()) is not None:
         name, steps = request
         conn.send(candidates[name].run(steps))
 
 
+def with_accelerator(cfg: DictConfig, **settings) -> dict:
+    """The run config with these accelerator settings, resolved: the presets' values that depend on them
+    (e.g. the CPU's attention on its precision) follow."""
+    cfg = cfg.copy()
+    cfg.accelerator.merge_with(settings)
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_container(cfg)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
+    fp32 = dict(precision="32-true", compile=False, matmul_precision=None)
+    equal = with_accelerator(cfg, **fp32)
+    groups = {  # the candidates of a worker process, and the config it runs them with
+        "equal": (["lightning", "plain", "hf"], equal),
+        "stock": (["hf_stock"], with_accelerator(cfg, **fp32, malloc=None)),
+        "fast": (["fastpath"], with_accelerator(cfg)),  # the device's defaults
+    }
     OmegaConf.resolve(cfg)  # the device, the presets: as the driver sees them
-    container = OmegaConf.to_container(cfg)
     instantiate(cfg.data).prepare_data()  # here: the workers are daemons, which may not start tokenizer processes
     ctx = mp.get_context("spawn")
-    groups = {"equal": ["lightning", "plain", "hf"], "stock": ["hf_stock"], "fast": ["fastpath"]}
     pipes, peaks, precision_of = {}, {}, {}
-    for group, names in groups.items():
+    for names, container in groups.values():
         parent, child = ctx.Pipe()
         ctx.Process(target=worker, args=(child, container, names), daemon=True).start()
         child.close()  # so that a worker that dies (e.g. out of memory) is an EOFError here, not a hang
@@ -195,7 +207,9 @@ def main(cfg: DictConfig) -> None:
     tokens_per_step = B * T
     print(
         f"model={cfg.model.n_layer}x{cfg.model.n_embd} B={B} T={T} on {cfg.accelerator.name}; fast path: "
-        f"precision {cfg.accelerator.precision}, compile {cfg.accelerator.compile}, malloc {cfg.accelerator.malloc}"
+        f"precision {cfg.accelerator.precision}, compile {cfg.accelerator.compile}, attention "
+        f"{cfg.accelerator.attention}, malloc {cfg.accelerator.malloc}; equal settings: attention "
+        f"{equal['accelerator']['attention']}"
     )
     order = list(LABELS)
     for name in order:  # warm-up: lazy init, optimizer state, compilation

@@ -43,12 +43,28 @@ def test_auto_accelerator_picks_cpu_here_with_its_precision(compose_train):
 
 
 @pytest.mark.parametrize(
-    "device, precision, compile",
-    [("cuda", "bf16-mixed", True), ("mps", "32-true", False), ("cpu", CPU_PRECISION, False)],
+    "device, precision, compile, attention",
+    [
+        ("cuda", "bf16-mixed", True, "sdpa"),
+        ("mps", "32-true", False, "sdpa"),
+        ("cpu", CPU_PRECISION, False, "eager" if CPU_PRECISION == "bf16-mixed" else "sdpa"),
+    ],
 )
-def test_each_accelerator_sets_the_trainer_and_a_precision_that_works_there(compose_train, device, precision, compile):
+def test_each_accelerator_sets_the_trainer_and_a_precision_that_works_there(
+    compose_train, device, precision, compile, attention
+):
     cfg = compose_train(f"accelerator={device}")
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.module.compile) == (device, precision, compile)
+    assert cfg.module.attention == attention
+
+
+@pytest.mark.parametrize("precision, attention", [("bf16-mixed", "eager"), ("32-true", "sdpa")])
+def test_cpu_attention_follows_the_precision_chosen(compose_train, precision, attention):
+    """PyTorch's CPU flash kernel is the faster in fp32 and the slower in bf16 (README, Performance)."""
+    cfg = compose_train("accelerator=cpu", f"accelerator.precision={precision}")
+    assert cfg.accelerator.attention == attention
+    module = instantiate(cfg.module)
+    assert {block.attn.attention for block in module.model.transformer.h} == {attention}
 
 
 def test_accelerator_settings_can_be_overridden(compose_train):
@@ -77,6 +93,7 @@ def test_unknown_key_is_refused(compose_train):
         (["trainer.max_steps=abc"], "trainer.max_steps='abc': expected an integer"),
         (["data.batch_size=1.5"], "data.batch_size=1.5: expected an integer"),
         (["optim.lr=fast"], "optim.lr='fast': expected a number"),
+        (["accelerator.attention=flash"], "accelerator.attention='flash': must be sdpa"),
     ],
 )
 def test_inconsistent_config_fails_before_training_starts(compose_train, overrides, message, tmp_path):

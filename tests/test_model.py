@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from gpt2lab.hf import state_dict_from_hf
-from gpt2lab.model import GPT, GPTConfig, init_weights
+from gpt2lab.model import GPT, GPTConfig, KVCache, init_weights
 
 TINY = dict(block_size=32, vocab_size=101, n_layer=2, n_head=4, n_embd=64)
 
@@ -107,6 +107,52 @@ def test_logits_equal_hugging_face_gpt2_with_the_same_weights():
         expected = hf(idx).logits
         logits, _ = ours(idx)
     assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def eager_and_sdpa_models() -> tuple[GPT, GPT]:
+    torch.manual_seed(0)
+    sdpa = GPT(GPTConfig(**TINY), attention="sdpa")
+    eager = GPT(GPTConfig(**TINY), attention="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    return sdpa, eager
+
+
+def test_eager_attention_gives_sdpas_logits_and_gradients():
+    sdpa, eager = eager_and_sdpa_models()
+    idx = torch.randint(0, TINY["vocab_size"], (2, TINY["block_size"]))
+    for model in (sdpa, eager):
+        model(idx, idx.roll(-1, dims=1))[1].backward()
+    torch.testing.assert_close(eager(idx)[0], sdpa(idx)[0], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(sdpa.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_eager_attention_gives_sdpas_logits_with_a_kv_cache():
+    """Generation: a cached prefix, then a few positions at once (the mask offset by the prefix)."""
+    sdpa, eager = eager_and_sdpa_models()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12))
+    with torch.no_grad():
+        logits = {}
+        for name, model in (("sdpa", sdpa), ("eager", eager)):
+            cache = KVCache(model.config)
+            model(idx[:, :7], kv_cache=cache)
+            logits[name] = model(idx[:, 7:], kv_cache=cache)[0]
+        full = sdpa(idx)[0][:, 7:]
+    torch.testing.assert_close(logits["eager"], full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["sdpa"], full, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_in_bf16_autocast_gives_sdpas_loss():
+    sdpa, eager = eager_and_sdpa_models()
+    idx = torch.randint(0, TINY["vocab_size"], (4, TINY["block_size"]))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        losses = [model(idx, idx.roll(-1, dims=1))[1].item() for model in (sdpa, eager)]
+    assert losses[1] == pytest.approx(losses[0], abs=2e-2)  # bf16 rounds each to ~3 significant digits
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(ValueError, match="attention='flash': must be one of sdpa, eager"):
+        GPT(GPTConfig(**TINY), attention="flash")
 
 
 def test_sequence_longer_than_block_size_is_a_clear_error():

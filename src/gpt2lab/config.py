@@ -12,7 +12,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gpt2lab.callbacks.safe_stop import OnNonFinite
 
-from gpt2lab.fastpath import cpu_default_precision
+from gpt2lab.fastpath import cpu_default_attention, cpu_default_precision
+from gpt2lab.model import ATTENTION
 from gpt2lab.sweep import sweep_run_name
 
 
@@ -33,6 +34,7 @@ def new_run_name() -> str:
 OmegaConf.register_new_resolver("gpt2lab.device", detect_device, replace=True)
 OmegaConf.register_new_resolver("gpt2lab.run_name", new_run_name, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("gpt2lab.cpu_precision", cpu_default_precision, replace=True)
+OmegaConf.register_new_resolver("gpt2lab.cpu_attention", cpu_default_attention, replace=True)
 OmegaConf.register_new_resolver("gpt2lab.sweep_run_name", sweep_run_name, replace=True)
 
 
@@ -99,6 +101,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than model.block_size={cfg.model.block_size}: "
             f"set data.seq_len<={cfg.model.block_size} or pick a model with a longer context"
+        )
+    if cfg.accelerator.attention not in ATTENTION:
+        raise ConfigError(
+            f"accelerator.attention={cfg.accelerator.attention!r}: must be sdpa (F.scaled_dot_product_attention, "
+            "flash where the backend has it) or eager (softmax(q·kᵀ)·v in plain ops)"
         )
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: the learning rate must be positive, e.g. optim.lr=6e-4")

@@ -26,6 +26,13 @@ def cpu_default_precision() -> str:
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
+def cpu_default_attention(precision: str) -> str:
+    """The attention for CPU runs at `precision` (resolver `gpt2lab.cpu_attention`): in bf16, PyTorch's CPU
+    flash kernel is slower than softmax(q·kᵀ)·v in plain ops (2.7× at T=256, its backward above all); in
+    fp32 it is faster (README, Performance)."""
+    return "eager" if str(precision).startswith("bf16") else "sdpa"
+
+
 def tune_malloc(**settings: int) -> bool:
     """Set glibc's allocator parameters for this process (as GLIBC_TUNABLES would at exec time).
 

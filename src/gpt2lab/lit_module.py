@@ -58,11 +58,12 @@ class GPTModule(L.LightningModule):
         optimizer: Callable[..., Optimizer],
         lr_schedule: Callable[..., float],
         compile: bool = False,
+        attention: str = "sdpa",
     ):
         super().__init__()
         # the architecture goes into every checkpoint, so sampling and export rebuild the model alone
         self.save_hyperparameters({"model": asdict(config)})
-        self.model = GPT(config)
+        self.model = GPT(config, attention)
         init_weights(self.model)
         self.make_optimizer, self.lr_schedule, self.compile_model = optimizer, lr_schedule, compile
         self.step_losses: list[torch.Tensor] = []  # of the micro-batches of the current optimizer step

@@ -13,10 +13,14 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+ATTENTION = ("sdpa", "eager")  # how attention is computed; the same result either way
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: "GPTConfig"):
+    def __init__(self, config: "GPTConfig", attention: str = "sdpa"):
         super().__init__()
         self.n_head = config.n_head
+        self.attention = attention
         # query, key and value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -32,14 +36,19 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs): the cached prefix, then these T
-        if start == 0:
+        if self.attention == "sdpa" and start == 0:
             # softmax(q·kᵀ/√hs + causal mask)·v; flash attention where the backend has it
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         else:
             # query i sits at position start + i and sees keys 0..start + i; is_causal would align the
             # mask at the top-left corner instead, as if the queries were the first T positions
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            if self.attention == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            else:  # the same in three ops: in bf16 on CPU faster than PyTorch's flash kernel (README, Performance)
+                att = (q @ k.transpose(-2, -1)) * k.size(-1) ** -0.5  # (B, nh, T, start + T)
+                att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+                y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -56,10 +65,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: "GPTConfig"):
+    def __init__(self, config: "GPTConfig", attention: str = "sdpa"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, attention)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -122,14 +131,19 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, attention: str = "sdpa"):
+        """attention: "sdpa" (F.scaled_dot_product_attention: flash attention where the backend has it)
+        or "eager" (softmax(q·kᵀ/√hs)·v in plain ops). How to compute, not what: it is not part of the
+        config, so checkpoints and exports do not carry it."""
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}: must be one of {', '.join(ATTENTION)}")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embedding
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
