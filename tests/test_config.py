@@ -65,6 +65,7 @@ def test_cpu_attention_follows_the_precision_chosen(compose_train, precision, at
     assert cfg.accelerator.attention == attention
     module = instantiate(cfg.module)
     assert {block.attn.attention for block in module.model.transformer.h} == {attention}
+    assert "attention" not in module.hparams["model"]  # how to compute: a checkpoint loads on any device
 
 
 def test_accelerator_settings_can_be_overridden(compose_train):

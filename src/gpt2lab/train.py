@@ -42,7 +42,8 @@ def train(cfg: DictConfig) -> float:
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    log.info("using device: %s (precision %s)", cfg.accelerator.name, cfg.accelerator.precision)
+    acc = cfg.accelerator
+    log.info("using device: %s (precision %s, attention %s)", acc.name, acc.precision, acc.attention)
     if cfg.accelerator.matmul_precision:
         torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
     if cfg.accelerator.malloc:
