@@ -163,7 +163,9 @@ def worker(conn, cfg_container: dict, names: list[str]) -> None:
         torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
     L.seed_everything(cfg.seed, verbose=False)
     candidates = {
-        name: LightningCandidate(cfg) if name in ("lightning", "fastpath") else LoopCandidate(cfg, hf=name.startswith("hf"))
+        name: LightningCandidate(cfg)
+        if name in ("lightning", "fastpath")
+        else LoopCandidate(cfg, hf=name.startswith("hf"))
         for name in names
     }
     precision = cfg.accelerator.precision

@@ -11,7 +11,6 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gpt2lab.callbacks.safe_stop import OnNonFinite
-
 from gpt2lab.fastpath import cpu_default_attention, cpu_default_precision
 from gpt2lab.model import ATTENTION
 from gpt2lab.sweep import sweep_run_name

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-
 ATTENTION = ("sdpa", "eager")  # how attention is computed; the same result either way
 
 
