@@ -71,8 +71,7 @@ class LightningCandidate:
         self.gate, self.device = Gate(), torch.device(cfg.accelerator.name)
         trainer = L.Trainer(
             accelerator=cfg.accelerator.name, devices=1, precision=cfg.accelerator.precision, max_steps=10**9,
-            max_epochs=-1,
-            gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False,
+            max_epochs=-1, gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[self.gate],
         )  # fmt: skip
         datamodule = instantiate(cfg.data)

@@ -16,7 +16,7 @@ ATTENTION = ("sdpa", "eager")  # how attention is computed; the same result eith
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: "GPTConfig", attention: str = "sdpa"):
+    def __init__(self, config: "GPTConfig", attention: str):
         super().__init__()
         self.n_head = config.n_head
         self.attention = attention
@@ -64,7 +64,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: "GPTConfig", attention: str = "sdpa"):
+    def __init__(self, config: "GPTConfig", attention: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, attention)

@@ -42,12 +42,14 @@ def train(cfg: DictConfig) -> float:
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    acc = cfg.accelerator
-    log.info("using device: %s (precision %s, attention %s)", acc.name, acc.precision, acc.attention)
-    if cfg.accelerator.matmul_precision:
-        torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
-    if cfg.accelerator.malloc:
-        tune_malloc(**cfg.accelerator.malloc)
+    accelerator = cfg.accelerator
+    log.info(
+        "using device: %s (precision %s, attention %s)", accelerator.name, accelerator.precision, accelerator.attention
+    )
+    if accelerator.matmul_precision:
+        torch.set_float32_matmul_precision(accelerator.matmul_precision)
+    if accelerator.malloc:
+        tune_malloc(**accelerator.malloc)
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
