@@ -36,8 +36,9 @@ LABELS = {
 
 def batches(datamodule, device: torch.device):
     while True:  # a fresh pass whenever the loader ends
-        for x, y in datamodule.train_dataloader():
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for xs, ys in datamodule.train_dataloader():  # (A, B, T): the micro-batches of one optimizer step
+            for x, y in zip(xs, ys):
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -59,19 +60,18 @@ class Gate(L.Callback):
             self.requests.acquire()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != getattr(self, "last_step", 0):
-            self.last_step, self.quota = trainer.global_step, self.quota - 1
+        self.quota -= 1  # one batch is one optimizer step
 
 
 class LightningCandidate:
     """Our training step in a real Trainer, at the config's accelerator settings (precision, compile, attention)."""
 
     def __init__(self, cfg: DictConfig):
-        module = instantiate(cfg.module)
+        module = instantiate(cfg.module, val_every_n_steps=10**9)  # no validation inside the timed steps
         self.gate, self.device = Gate(), torch.device(cfg.accelerator.name)
         trainer = L.Trainer(
             accelerator=cfg.accelerator.name, devices=1, precision=cfg.accelerator.precision, max_steps=10**9,
-            max_epochs=-1, gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, enable_checkpointing=False,
+            max_epochs=-1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[self.gate],
         )  # fmt: skip
         datamodule = instantiate(cfg.data)
@@ -130,7 +130,7 @@ class LoopCandidate:
         self.optimizer = instantiate(cfg.optim)(groups, fused=True)
         schedule = partial(instantiate(cfg.scheduler), max_steps=cfg.trainer.max_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.clip = cfg.trainer.gradient_clip_val
+        self.clip = cfg.train.grad_clip
         self.model.train()
 
     def run(self, steps: int) -> float:

@@ -3,16 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from gpt2lab.config import ConfigError
+from gpt2lab.errors import exit_on_user_error
 from gpt2lab.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
+    with exit_on_user_error():  # one line, no traceback, for what the user can fix; a bug keeps its traceback
         return train(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None  # one message, no traceback
 
 
 if __name__ == "__main__":

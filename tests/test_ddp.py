@@ -1,17 +1,17 @@
 """Data parallel on CPU: 2 processes (Lightning strategy=ddp, gloo) against one process with twice the
-batch. The runs are real `scripts/train.py` processes (Lightning's DDP launcher re-runs the script for
+batch, both accumulating gradients over 2 micro-batches a step. The runs are real `scripts/train.py` processes (Lightning's DDP launcher re-runs the script for
 rank 1), on the small corpus of test_resume."""
 
 import pytest
 
-from test_resume import B, batches_seen, corpus, train_losses, train_run  # noqa: F401  (corpus: a fixture)
+from test_resume import B, T, batches_seen, corpus, train_losses, train_run  # noqa: F401  (corpus: a fixture)
 
 N, K = 6, 3
 DDP = ["accelerator.devices=2", "++trainer.strategy=ddp"]
 # 30% val: 2 global batches of 2 ranks × B × T
 # fp32 on every CPU: the comparison below is of float32 sums in two orders (bf16 rounding would swamp it)
 COMMON = ["data.val_fraction=0.3", f"trainer.max_steps={N}", "train.val_every_n_steps=3"]
-COMMON += ["accelerator.precision=32-true"]
+COMMON += ["accelerator.precision=32-true", f"train.total_batch_size={2 * 2 * B * T}"]  # 2 micro-batches a step
 
 
 def windows_by_step(run_dir, rank: int) -> list[tuple[str, list[str]]]:
@@ -31,8 +31,8 @@ def runs(tmp_path_factory, corpus):  # noqa: F811
 def test_two_ranks_see_disjoint_halves_of_what_one_process_with_twice_the_batch_sees(runs):
     runs, _ = runs
     single, ranks = windows_by_step(runs / "single", 0), [windows_by_step(runs / "ddp", r) for r in (0, 1)]
-    assert len(single) == len(ranks[0]) == len(ranks[1]) == N
-    assert len({position.split()[0] for position, _ in single}) == 2, "the runs should cross an epoch boundary"
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 2 * N  # micro-batches
+    assert len({position.split()[0] for position, _ in single}) >= 2, "the runs should cross an epoch boundary"
     for (position, windows), (position0, windows0), (position1, windows1) in zip(single, *ranks):
         assert position == position0 == position1  # the same global batch of the same pass
         assert windows0 + windows1 == windows  # rank r takes the r-th run of B windows
@@ -43,7 +43,7 @@ def test_two_ranks_see_disjoint_halves_of_what_one_process_with_twice_the_batch_
 def test_two_ranks_train_and_validate_like_one_process_with_twice_the_batch(runs):
     runs, _ = runs
     single, ddp = train_losses(runs / "single"), train_losses(runs / "ddp")
-    assert [s for s, _ in ddp] == list(range(N))
+    assert [s for s, _ in ddp] == list(range(1, N + 1))
     # the same update in exact arithmetic: DDP averages the two halves' mean gradients, one process takes
     # the mean over both. float32 sums in another order differ by ~1e-7 relative, which AdamW's
     # normalisation can amplify in gradient entries near zero: here the losses (~10, ulp 1e-6) differ by
@@ -62,5 +62,5 @@ def test_two_rank_run_resumes_exactly(runs, corpus, tmp_path):  # noqa: F811
     ckpt = runs / "ddp" / "checkpoints" / f"step{K:06d}.ckpt"
     train_run(tmp_path / "resumed", corpus, data_dir, *COMMON, *DDP, f"ckpt_path={ckpt}")
     for rank in (0, 1):
-        assert batches_seen(tmp_path / "resumed", rank) == batches_seen(runs / "ddp", rank)[K:]
+        assert batches_seen(tmp_path / "resumed", rank) == batches_seen(runs / "ddp", rank)[2 * K :]
     assert train_losses(tmp_path / "resumed") == train_losses(runs / "ddp")[K:]

@@ -54,12 +54,16 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_ten_percent(module):
 
 def test_checkpoint_of_another_model_size_is_refused_naming_both(compose_train, module):
     other = instantiate(compose_train("model=tiny", "model.n_layer=2").module)
-    checkpoint = {"hyper_parameters": dict(other.hparams), "gpt2lab_format": 1}
+    checkpoint = {"hyper_parameters": dict(other.hparams), "gpt2lab_format": 2}
     with pytest.raises(ValueError, match="'n_layer': 2.*this run builds.*'n_layer': 4"):
         module.on_load_checkpoint(checkpoint)
 
 
-@pytest.mark.parametrize("version, message", [(None, "not written by gpt2lab"), (99, "written by a newer gpt2lab")])
+@pytest.mark.parametrize(
+    "version, message",
+    [(None, "not written by gpt2lab"), (1, "older gpt2lab, whose train batches were micro-batches"),
+     (99, "written by a newer gpt2lab")],
+)  # fmt: skip
 def test_checkpoint_of_unknown_format_says_why_it_does_not_load(module, version, message):
     checkpoint = {"hyper_parameters": dict(module.hparams), "gpt2lab_format": version}
     with pytest.raises(ValueError, match=message):

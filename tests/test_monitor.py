@@ -1,6 +1,7 @@
 """Per-optimizer-step monitoring: loss averaged over micro-batches, gradient norm before clipping, step time,
 tokens/s and MFU, read back from real TensorBoard files of a real run."""
 
+import time
 from typing import ClassVar
 
 import lightning as L
@@ -40,14 +41,30 @@ def test_gpu_peak_comes_from_the_datasheet_table():
         assert peak >= 312e12  # A100's dense bf16; H100 / H200 more
 
 
-class MicroBatchLosses(L.Callback):
-    """Records the loss each micro-batch's training_step returned, as Lightning hands it to callbacks."""
+class Probe(L.Callback):
+    """Records, for the tests, what the model and the optimizer see: each micro-batch's loss (a forward hook on
+    the GPT), the gradients' norm right before the update, and the wall time of each step's end; then sleeps
+    there, as slow end-of-step work (samples, HellaSwag) would."""
 
-    seen: ClassVar[list[float]] = []  # class-level: Hydra instantiates the callback inside train()
+    micro_losses: ClassVar[list[float]] = []  # class-level: Hydra instantiates the callback inside train()
+    norms_at_update: ClassVar[list[float]] = []
+    step_ends: ClassVar[list[float]] = []
+    SLEEP = 0.3  # s
+
+    def on_train_start(self, trainer, pl_module):
+        def record(module, inputs, output):
+            if torch.is_grad_enabled():  # training forwards, not validation
+                Probe.micro_losses.append(float(output[1].detach()))
+
+        pl_module.model.register_forward_hook(record)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        Probe.norms_at_update.append(float(torch.nn.utils.get_total_norm(grads)))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # Lightning hands over the loss it back-propagated: divided by the number of micro-batches
-        MicroBatchLosses.seen.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        time.sleep(self.SLEEP)
+        Probe.step_ends.append(time.time())
 
 
 @pytest.fixture(scope="module")
@@ -59,38 +76,41 @@ def accumulating_run(tmp_path_factory, data_dir):
     overrides = [
         f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "accelerator=cpu",
         "trainer.max_steps=4", "data.batch_size=2", "data.seq_len=64", "train.total_batch_size=384",  # 3 micro-batches
-        "trainer.gradient_clip_val=1e-3", "callbacks.speed_monitor.peak_flops=1e10",
-        f"+callbacks.micro_batch_losses._target_={__name__}.MicroBatchLosses",
+        "train.grad_clip=1e-3", "callbacks.speed_monitor.peak_flops=1e10", "~callbacks.text_samples",
+        f"+callbacks.probe._target_={__name__}.Probe",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    MicroBatchLosses.seen.clear()
+    for recorded in (Probe.micro_losses, Probe.norms_at_update, Probe.step_ends):
+        recorded.clear()
     train(cfg)
-    return scalars(run_dir), list(MicroBatchLosses.seen)
+    return scalars(run_dir), Probe
 
 
 @pytest.mark.slow
 def test_train_loss_is_the_mean_over_the_micro_batches_of_each_optimizer_step(accumulating_run):
-    logged, micro_losses = accumulating_run
+    logged, probe = accumulating_run
+    micro_losses = probe.micro_losses
     assert len(micro_losses) == 4 * 3
     expected = [sum(micro_losses[i : i + 3]) / 3 for i in range(0, 12, 3)]
-    assert [s for s, _ in logged["train/loss"]] == [0, 1, 2, 3]  # one point per optimizer step
+    assert [s for s, _ in logged["train/loss"]] == [1, 2, 3, 4]  # one point per optimizer step
     assert [v for _, v in logged["train/loss"]] == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.slow
-def test_gradient_norm_is_logged_before_clipping(accumulating_run):
-    logged, _ = accumulating_run
+def test_gradients_are_clipped_before_the_update_and_their_norm_logged_before_clipping(accumulating_run):
+    logged, probe = accumulating_run
     norms = [v for _, v in logged["train/grad_norm"]]
-    assert len(norms) == 4
-    assert all(n > 0.01 for n in norms)  # far above gradient_clip_val=1e-3: measured before the clip
+    assert len(norms) == len(probe.norms_at_update) == 4
+    assert all(n > 0.01 for n in norms)  # far above train.grad_clip=1e-3: measured before the clip
+    assert all(n <= 1e-3 * 1.0001 for n in probe.norms_at_update)  # what the optimizer gets: clipped
 
 
 @pytest.mark.slow
 def test_step_time_tokens_per_sec_and_mfu_are_logged_per_optimizer_step(accumulating_run):
-    logged, _ = accumulating_run
+    logged, probe = accumulating_run
     for tag in ("perf/step_time", "perf/tokens_per_sec", "perf/mfu"):
-        assert [s for s, _ in logged[tag]] == [0, 1, 2, 3], tag
+        assert [s for s, _ in logged[tag]] == [1, 2, 3, 4], tag
     step_time = [v for _, v in logged["perf/step_time"]]
     tokens_per_sec = [v for _, v in logged["perf/tokens_per_sec"]]
     assert all(t > 0 for t in step_time)
@@ -98,3 +118,6 @@ def test_step_time_tokens_per_sec_and_mfu_are_logged_per_optimizer_step(accumula
     tiny = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=4, n_embd=128))
     mfu = [flops_per_token(tiny, 64) * r / 1e10 for r in tokens_per_sec]  # the configured peak_flops=1e10
     assert [v for _, v in logged["perf/mfu"]] == pytest.approx(mfu, rel=1e-5)
+    # the step's own time: the probe's sleep at each step's end (as samples or HellaSwag) is not in it
+    assert all(later - earlier > Probe.SLEEP for earlier, later in zip(probe.step_ends, probe.step_ends[1:]))
+    assert all(t < Probe.SLEEP for t in step_time[2:]), step_time  # (the first two steps also warm up)

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import CONF_DIR, ROOT
 from gpt2lab.checkpoint import AtomicCheckpointIO
+from gpt2lab.errors import CheckpointError
 from gpt2lab.train import RunStopped, train
 
 FAST = ["model=tiny", "data.seq_len=32", "data.val_batches=1"]  # steps of a few ms
@@ -34,13 +35,13 @@ def load(path: Path) -> dict:
 
 
 class InjectNaN(L.Callback):
-    """A fault for the tests: a NaN in one gradient at optimizer step `at_step`."""
+    """A fault for the tests: a NaN in one gradient at optimizer step `at_step` (1, 2, ...)."""
 
     def __init__(self, at_step: int):
         self.at_step = at_step
 
     def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.at_step:
+        if trainer.global_step == self.at_step - 1:  # the steps done before it
             pl_module.model.transformer.wte.weight.grad[0, 0] = float("nan")
 
 
@@ -49,28 +50,28 @@ def compose_run(run_dir: Path, data_dir: Path, *overrides: str):
         return compose("train", overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", *FAST, *overrides])
 
 
-NAN_AT_3 = "+callbacks.inject_nan={_target_:test_reliability.InjectNaN,at_step:3}"
+NAN_AT_4 = "+callbacks.inject_nan={_target_:test_reliability.InjectNaN,at_step:4}"
 
 
 @pytest.mark.slow
 def test_nonfinite_gradient_stops_the_run_keeping_the_last_good_weights(tmp_path, data_dir):
-    with pytest.raises(RunStopped, match=r"stopped at step 3: non-finite gradient norm nan \(loss [\d.]+, lr [\d.e-]+\)"):
-        train(compose_run(tmp_path / "bad", data_dir, "trainer.max_steps=10", NAN_AT_3))
+    with pytest.raises(RunStopped, match=r"stopped at step 4: non-finite gradient norm \(loss [\d.]+, grad norm nan, lr [\d.e-]+\)"):
+        train(compose_run(tmp_path / "bad", data_dir, "trainer.max_steps=10", NAN_AT_4))
     train(compose_run(tmp_path / "good", data_dir, "trainer.max_steps=3"))  # the same run, stopped before the fault
     bad, good = load(tmp_path / "bad/checkpoints/last.ckpt"), load(tmp_path / "good/checkpoints/last.ckpt")
     for name, weight in good["state_dict"].items():
         assert torch.equal(bad["state_dict"][name], weight), name
     # resuming that checkpoint with another model size names both
-    with pytest.raises(ValueError, match="'n_layer': 4.*this run builds.*'n_layer': 2"):
+    with pytest.raises(CheckpointError, match="'n_layer': 4.*this run builds.*'n_layer': 2"):
         train(compose_run(tmp_path / "other", data_dir, "trainer.max_steps=6", "model.n_layer=2",
                           f"ckpt_path={tmp_path / 'bad/checkpoints/last.ckpt'}"))  # fmt: skip
 
 
 @pytest.mark.slow
 def test_nonfinite_gradient_is_skipped_under_the_skip_policy(tmp_path, data_dir):
-    val_loss = train(compose_run(tmp_path, data_dir, "trainer.max_steps=6", "train.on_nonfinite=skip", NAN_AT_3))
+    val_loss = train(compose_run(tmp_path, data_dir, "trainer.max_steps=6", "train.on_nonfinite=skip", NAN_AT_4))
     grad_norm = dict(train_steps(tmp_path, "train/grad_norm"))
-    assert grad_norm[3] != grad_norm[3] and all(v == v for s, v in grad_norm.items() if s != 3)  # NaN at 3 only
+    assert grad_norm[4] != grad_norm[4] and all(v == v for s, v in grad_norm.items() if s != 4)  # NaN at 4 only
     weights = load(tmp_path / "checkpoints/last.ckpt")["state_dict"]
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert val_loss == val_loss and val_loss < 11
@@ -99,7 +100,7 @@ def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 180) -> st
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_a_checkpoint_after_the_current_step_and_says_how_to_resume(tmp_path, data_dir, sig):
-    proc = start_training(tmp_path, data_dir, "trainer.max_steps=100000", "hydra.run.dir=run")
+    proc = start_training(tmp_path, data_dir, "trainer.max_steps=100000", "train.total_batch_size=256", "hydra.run.dir=run")
     seen = wait_for_step(proc, 3)
     proc.send_signal(sig)
     proc.wait(timeout=120)
@@ -107,16 +108,17 @@ def test_signal_writes_a_checkpoint_after_the_current_step_and_says_how_to_resum
     err = "".join(seen)
     assert proc.returncode != 0
     assert f"interrupted by {sig.name} after step" in err and "Resume with: python scripts/train.py" in err
-    ckpt = tmp_path / "run/checkpoints/last.ckpt"
-    assert f"ckpt_path={ckpt}" in err
-    step = load(ckpt)["global_step"]
+    run_dir = tmp_path / "run"
+    assert f"ckpt_path=last hydra.run.dir={run_dir}" in err
+    step = load(run_dir / "checkpoints/last.ckpt")["global_step"]
     assert 3 <= step < 100000
-    assert [s for s, _ in train_steps(tmp_path / "run")] == list(range(step))  # every finished step is kept
+    assert [s for s, _ in train_steps(run_dir)] == list(range(1, step + 1))  # every finished step is kept
 
-    resumed = start_training(tmp_path, data_dir, f"trainer.max_steps={step + 2}", f"ckpt_path={ckpt}", "hydra.run.dir=resumed")
+    resumed = start_training(tmp_path, data_dir, f"trainer.max_steps={step + 2}", "train.total_batch_size=256",
+                             "ckpt_path=last", f"hydra.run.dir={run_dir}")  # fmt: skip
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
-    assert [s for s, _ in train_steps(tmp_path / "resumed")] == [step, step + 1]
+    assert [s for s, _ in train_steps(run_dir)] == list(range(1, step + 3))
 
 
 @pytest.mark.slow
@@ -144,6 +146,25 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+class KeepFinalWeights(L.Callback):
+    final: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        KeepFinalWeights.final = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_last_checkpoint_holds_the_final_step_when_it_is_not_a_multiple_of_the_period(tmp_path, data_dir):
+    keep = f"+callbacks.keep={{_target_:{__name__}.KeepFinalWeights}}"
+    train(compose_run(tmp_path, data_dir, "trainer.max_steps=7", "callbacks.model_checkpoint.every_n_train_steps=5",
+                      "~callbacks.text_samples", keep))  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step000005.ckpt"]
+    last, periodic = load(tmp_path / "checkpoints/last.ckpt"), load(tmp_path / "checkpoints/step000005.ckpt")
+    assert last["global_step"] == 7 and periodic["global_step"] == 5
+    assert last["state_dict"].keys() == KeepFinalWeights.final.keys()
+    for name, weight in KeepFinalWeights.final.items():
+        assert torch.equal(last["state_dict"][name], weight), name
+
+
 def test_the_trainer_writes_checkpoints_atomically(compose_train):
     trainer = instantiate(compose_train("accelerator=cpu").trainer)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -168,3 +189,41 @@ def test_config_error_is_one_line_without_traceback(tmp_path, data_dir, override
     assert proc.returncode == 1
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "outputs/runs").exists() or not list((tmp_path / "outputs/runs").glob("*/checkpoints"))
+
+
+class InjectInf(L.Callback):
+    """An fp16 overflow for the tests: an inf in one gradient at optimizer step `at_step` (1, 2, ...)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.at_step - 1:
+            pl_module.model.transformer.wte.weight.grad[0, 0] = float("inf")
+
+
+@pytest.mark.slow
+def test_fp16_overflow_steps_are_skipped_by_the_scaler_not_stopped_as_faults(tmp_path, data_dir):
+    # fp16 with a gradient scaler, as on a V100 or T4; here on the CPU (Lightning only builds it for CUDA)
+    fp16 = ("trainer.plugins=[{_target_:lightning.pytorch.plugins.MixedPrecision,precision:16-mixed,device:cpu,"
+            "scaler:{_target_:torch.amp.GradScaler,device:cpu}}]")  # fmt: skip
+    inf_at_2 = f"+callbacks.inject_inf={{_target_:{__name__}.InjectInf,at_step:2}}"
+    train(compose_run(tmp_path, data_dir, fp16, "trainer.precision=null", "accelerator.attention=eager",
+                      "trainer.max_steps=4", "~callbacks.text_samples", inf_at_2))  # fmt: skip
+    grad_norm = dict(train_steps(tmp_path, "train/grad_norm"))
+    assert list(grad_norm) == [1, 2, 3, 4] and grad_norm[2] == float("inf")  # unscaled: the true norm
+    assert all(0 < grad_norm[s] < float("inf") for s in (1, 3, 4))  # clipping and the norm saw unscaled gradients
+    ckpt = load(tmp_path / "checkpoints/last.ckpt")
+    assert ckpt["global_step"] == 4
+    assert ckpt["MixedPrecision"]["scale"] == 2.0**16 / 2  # the scaler halved its scale once, at the overflow
+    adam_steps = {int(state["step"]) for state in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {3}  # 4 steps, the overflow one skipped
+    assert all(torch.isfinite(w).all() for w in ckpt["state_dict"].values())
+
+
+def test_fp16_is_refused_off_cuda(compose_train):
+    from gpt2lab.config import check_config
+    from gpt2lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="accelerator.precision=16-mixed on cpu: .*use bf16-mixed or 32-true"):
+        check_config(compose_train("accelerator=cpu", "accelerator.precision=16-mixed"))

@@ -73,7 +73,7 @@ def test_multirun_gives_each_run_a_dir_and_a_tensorboard_run_named_by_its_overri
         assert f"init={init}" in tb_run.name.split(",") and f"optim.lr={lr}" in tb_run.name.split(",")
         assert "paths.data_dir" not in tb_run.name  # paths are excluded: they would nest dirs
         names.append(tb_run.name)
-        assert [s for s, _, _ in scalar_series(read_events(run), "val/loss")] == [0, 1]
+        assert [s for s, _, _ in scalar_series(read_events(run), "val/loss")] == [1, 2]
     assert len(set(names)) == 4
 
 

@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass, fields
 from datetime import datetime
+from enum import Enum
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -10,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
-from gpt2lab.callbacks.safe_stop import OnNonFinite
+from gpt2lab.errors import ConfigError
 from gpt2lab.fastpath import cpu_default_attention, cpu_default_precision
 from gpt2lab.model import ATTENTION
 from gpt2lab.sweep import sweep_run_name
@@ -26,7 +27,12 @@ def detect_device() -> str:
 
 
 def new_run_name() -> str:
-    """A run dir name that two runs started in the same second on one machine never share."""
+    """A run dir name that two runs started in the same second on one machine never share; under SLURM the
+    job's id, so that a requeued job runs in the same dir again (and resumes from its last.ckpt)."""
+    if job := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm_{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"slurm_{job}"
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
 
 
@@ -37,6 +43,13 @@ OmegaConf.register_new_resolver("gpt2lab.cpu_attention", cpu_default_attention, 
 OmegaConf.register_new_resolver("gpt2lab.sweep_run_name", sweep_run_name, replace=True)
 
 
+class OnNonFinite(str, Enum):
+    """train.on_nonfinite: what a step with a non-finite loss or gradient norm (never applied) does to the run."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 @dataclass
 class TrainSchema:
     """conf/train.yaml's `train` node, checked by Hydra as it composes (a typo or a wrong type is an error
@@ -44,6 +57,7 @@ class TrainSchema:
 
     total_batch_size: int | None = MISSING
     val_every_n_steps: int = MISSING
+    grad_clip: float | None = MISSING
     on_nonfinite: OnNonFinite = MISSING
 
 
@@ -55,7 +69,6 @@ ConfigStore.instance().store(name="train_schema", node=TrainSchema, package="tra
 @dataclass
 class _TrainerTypes:
     max_steps: int = MISSING
-    gradient_clip_val: float | None = MISSING
     log_every_n_steps: int = MISSING
 
 
@@ -70,10 +83,6 @@ class _DataTypes:
 class _OptimTypes:
     lr: float = MISSING
     weight_decay: float = MISSING
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 TYPE_NAMES = {int: "an integer", float: "a number", int | None: "an integer or null", float | None: "a number or null"}
@@ -106,19 +115,14 @@ def check_config(cfg: DictConfig) -> None:
             f"accelerator.attention={cfg.accelerator.attention!r}: must be sdpa (F.scaled_dot_product_attention, "
             "flash where the backend has it) or eager (softmax(q·kᵀ)·v in plain ops)"
         )
+    if cfg.train.val_every_n_steps < 1:
+        raise ConfigError(f"train.val_every_n_steps={cfg.train.val_every_n_steps}: must be >= 1 (it also validates at the last step)")
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: must be >= 1 optimizer steps")
+    if str(cfg.accelerator.precision).startswith("16") and cfg.accelerator.name != "cuda":
+        raise ConfigError(
+            f"accelerator.precision={cfg.accelerator.precision} on {cfg.accelerator.name}: fp16 with a gradient scaler is "
+            "for CUDA GPUs without bf16 (V100, T4); use bf16-mixed or 32-true"
+        )
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: the learning rate must be positive, e.g. optim.lr=6e-4")
-
-
-def grad_accum_steps(total_batch_size: int | None, batch_size: int, seq_len: int, world_size: int) -> int:
-    """Micro-batches per optimizer step so that each step sees total_batch_size tokens."""
-    tokens_per_micro_batch = batch_size * seq_len * world_size
-    if total_batch_size is None:
-        return 1
-    if total_batch_size % tokens_per_micro_batch:
-        raise ConfigError(
-            f"train.total_batch_size={total_batch_size} is not divisible by data.batch_size × data.seq_len × "
-            f"world size = {batch_size} × {seq_len} × {world_size} = {tokens_per_micro_batch}: "
-            "make it a multiple, or set train.total_batch_size=null for one micro-batch per step"
-        )
-    return total_batch_size // tokens_per_micro_batch

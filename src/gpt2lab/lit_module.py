@@ -1,17 +1,20 @@
 import math
+import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from gpt2lab.errors import CheckpointError
 from gpt2lab.model import GPT, GPTConfig
 
-CHECKPOINT_FORMAT = 1  # bump when what a checkpoint holds changes; see on_load_checkpoint
+CHECKPOINT_FORMAT = 2  # 2: one train batch is one optimizer step (manual optimization); bump when what a checkpoint holds changes; see on_load_checkpoint
 
 
 @torch.no_grad()
@@ -48,8 +51,26 @@ def warmup_cosine(step: int, *, warmup_steps: int, min_lr_ratio: float, max_step
     return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
 
 
+@dataclass
+class StepReport:
+    """What one optimizer step did, from its owner (GPTModule.training_step): callbacks read it as
+    `outputs["report"]` in on_train_batch_end, and nothing recomputes it."""
+
+    step: int  # optimizer steps done, this one included: the x of every scalar it logs (1, 2, ...)
+    loss: float  # mean over the step's micro-batches and ranks: the global batch's loss
+    grad_norm: float  # of the all-reduced gradients, before clipping
+    lr: float
+    tokens: int  # trained on in this step, all ranks
+    time: float  # seconds from the start of the step to its update done: no validation, sampling or eval
+    applied: bool  # False: the update was withheld (non-finite gradients, or an fp16 overflow)
+    fault: str | None = None  # why it was withheld, when that is a fault to act on (never an fp16 overflow)
+    val_loss: float | None = None  # when validation ran after this step
+
+
 class GPTModule(L.LightningModule):
-    """Trains a GPT: the loss, its logging, AdamW parameter groups and the per-step LR schedule."""
+    """Trains a GPT: one batch is the micro-batches of one optimizer step, and training_step owns that step
+    from the first forward to the update (gradient accumulation, clipping, the non-finite check, the LR
+    schedule), validates when it is due, and reports it all in a StepReport."""
 
     def __init__(
         self,
@@ -57,17 +78,19 @@ class GPTModule(L.LightningModule):
         init_weights: Callable[[GPT], None],
         optimizer: Callable[..., Optimizer],
         lr_schedule: Callable[..., float],
+        grad_clip: float | None,
+        val_every_n_steps: int,
         compile: bool = False,
         attention: str = "sdpa",
     ):
         super().__init__()
         # the architecture goes into every checkpoint, so sampling and export rebuild the model alone
         self.save_hyperparameters({"model": asdict(config)})
+        self.automatic_optimization = False  # Lightning counts micro-batches; the step is ours
         self.model = GPT(config, attention)
         init_weights(self.model)
         self.make_optimizer, self.lr_schedule, self.compile_model = optimizer, lr_schedule, compile
-        self.step_losses: list[torch.Tensor] = []  # of the micro-batches of the current optimizer step
-        self.nonfinite: dict | None = None  # a step whose update was withheld; SafeStop reads it
+        self.grad_clip, self.val_every_n_steps = grad_clip, val_every_n_steps
         self.register_buffer("unseen_tokens", None, persistent=False)  # set in setup from the data
 
     def setup(self, stage: str) -> None:
@@ -84,53 +107,91 @@ class GPTModule(L.LightningModule):
             # in place, so parameter names (and checkpoints) keep no `_orig_mod.` prefix
             self.model.compile()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        _, loss = self.model(x, y)
-        self.step_losses.append(loss.detach())  # logged once per optimizer step, in on_before_optimizer_step
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
-        self._last_loss = loss.detach()
-        return loss
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # DDP readies its gradient all-reduce in the forward that enters training_step; with several
+        # micro-batches it should run once, in the last one's backward (manual_backward readies it there)
+        self._ddp_sync(len(batch[0]) == 1)
 
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        # Lightning calls this after backward (and AMP unscaling), before gradient clipping
-        # an optimizer step's loss is the mean over its micro-batches (gradient accumulation)
-        # and over ranks (one all-reduce of a scalar): the global batch's loss, as build-nanogpt logs it
-        self.log("train/loss", torch.stack(self.step_losses).mean(), prog_bar=True, sync_dist=True)
-        self.step_losses.clear()
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        grad_norm = self._grad_norm = torch.nn.utils.get_total_norm(grads)  # reused by the clipping
-        self.log("train/grad_norm", grad_norm)
-        if not torch.isfinite(grad_norm):
-            # a NaN/inf loss gives NaN gradients too. Dropping the gradients makes AdamW skip every
-            # parameter, so the weights stay those of the last good step (the same on every rank: the
-            # norm is of the all-reduced gradients)
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
+        start = time.perf_counter()
+        xs, ys = batch  # (A, B, T) each: the A micro-batches of this optimizer step
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            self._ddp_sync(i == len(xs) - 1)
+            _, loss = self.model(x, y)
+            self.manual_backward(loss / len(xs))  # the mean over micro-batches, as one big batch gives
+            loss_sum += loss.detach()
+        step_loss = self.trainer.strategy.reduce(loss_sum / len(xs), reduce_op="mean")  # over ranks
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 only
+        if scaler is not None:
+            scaler.unscale_(optimizer.optimizer)  # the true gradients, to measure and clip
+        params = [p for p in self.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, grad_norm)
+        if optimizer.optimizer.defaults.get("fused"):
+            # a NaN/inf step is withheld on the device, with no host sync: the fused AdamW skips every update
+            # (and its step count) when found_inf is 1, as for fp16 overflows, where the scaler sets it instead
+            optimizer.optimizer.found_inf = (~finite).float()
+        elif not finite:  # other optimizers: a host sync; without gradients AdamW leaves every parameter as is
             optimizer.zero_grad(set_to_none=True)
-            self.nonfinite = {
-                "step": self.global_step,
-                "what": f"non-finite gradient norm {grad_norm.item()}",
-                "loss": self._last_loss.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step_loss, grad_norm = torch.stack([step_loss, grad_norm.float()]).tolist()  # the step's one sync
+        report = StepReport(
+            step=self.global_step, loss=step_loss, grad_norm=grad_norm, lr=lr, tokens=xs.numel() * self.trainer.world_size,
+            time=time.perf_counter() - start, applied=math.isfinite(step_loss) and math.isfinite(grad_norm),
+        )  # fmt: skip
+        if not report.applied and (scaler is None or not math.isfinite(step_loss)):
+            report.fault = f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'}"
+        if report.step % self.val_every_n_steps == 0 or report.step == self.trainer.max_steps:
+            report.val_loss = self.validate()
+        # every scalar of this step at x = report.step (Lightning's `step` key), whichever hook logs it
+        self.log("step", float(report.step))
+        self.log("train/loss", step_loss, prog_bar=True)
+        self.log("train/grad_norm", grad_norm)
+        self.log("lr", lr)
+        return {"report": report}
 
-    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # Lightning's AMP plugin refuses to clip for a fused optimizer, which unscales fp16 gradients
-        # inside step(); bf16 has no gradient scaler, so here the gradients are the true ones
-        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            assert gradient_clip_algorithm in (None, "norm"), gradient_clip_algorithm
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, self._grad_norm)
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+    def _ddp_sync(self, enabled: bool) -> None:
+        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            self.trainer.strategy.model.require_backward_grad_sync = enabled  # as its no_sync() does
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits, loss = self.model(x, y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over batches and ranks
+    @torch.no_grad()
+    def validate(self) -> float:
+        """val/loss (and the unused-token metrics): the mean over the same first val batches every time, and
+        over ranks (each rank holds its own slice of each batch)."""
+        self.model.eval()
+        sums = torch.zeros(3, device=self.device)  # loss, unused-token mass, loss over seen tokens
+        batches = 0
+        for x, y in self.trainer.datamodule.val_loader():
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            logits, loss = self.model(x, y)
+            sums[0] += loss.float()
+            if self.unseen_tokens is not None:
+                sums[1:] += torch.stack(unused_token_metrics(logits, y, self.unseen_tokens))
+            batches += 1
+        self.model.train()
+        loss, mass, loss_seen = (self.trainer.strategy.reduce(sums / batches, reduce_op="mean")).tolist()
+        metrics = {"val/loss": loss}
         if self.unseen_tokens is not None:
             # val/loss − val/loss_seen_vocab: the part of the loss still owed to never-seen tokens
-            unused_mass, loss_seen_vocab = unused_token_metrics(logits, y, self.unseen_tokens)
-            self.log("val/unused_token_mass", unused_mass, sync_dist=True)
-            self.log("val/loss_seen_vocab", loss_seen_vocab, sync_dist=True)
+            metrics |= {"val/unused_token_mass": mass, "val/loss_seen_vocab": loss_seen}
+        self.log_sparse(metrics, prog_bar=("val/loss",))
+        return loss
+
+    def log_sparse(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
+        """Scalars measured at some steps only (validation, HellaSwag): to the loggers at this step alone
+        (self.log would log the last value again at every later step), and to the progress bar and
+        trainer.callback_metrics."""
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in prog_bar, logger=False)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def configure_optimizers(self):
         # any parameter that is 2D is weight decayed (matmul weights, embeddings); biases and
@@ -150,15 +211,17 @@ class GPTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         version = checkpoint.get("gpt2lab_format")
-        if version is None or version > CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"checkpoint has gpt2lab_format {version}, this gpt2lab reads format <= {CHECKPOINT_FORMAT}: "
-                + ("not written by gpt2lab" if version is None else "written by a newer gpt2lab; upgrade it")
+        if version != CHECKPOINT_FORMAT:
+            why = {None: "not written by gpt2lab", 1: "written by an older gpt2lab, whose train batches were micro-batches: "
+                   "its weights still load for sampling, HellaSwag and export, but no run can resume from it"}  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint has gpt2lab_format {version}, this gpt2lab resumes format {CHECKPOINT_FORMAT} only: "
+                + why.get(version, "written by a newer gpt2lab; upgrade it")
             )
         found = checkpoint.get("hyper_parameters", {}).get("model")
         expected = self.hparams["model"]
         if found != expected:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint is of another model: it holds {found}, this run builds {expected}; "
                 "pick the model=... (and model.* overrides) the checkpoint was trained with"
             )

@@ -44,10 +44,9 @@ def run_hparams(cfg: DictConfig) -> dict:
     return hparams
 
 
-def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float) -> None:
+def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float, tokens_seen: int) -> None:
     """Record the run's hyperparameters with its final metrics, for TensorBoard's HParams tab."""
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer.accumulate_grad_batches * trainer.world_size
-    metrics = dict(zip(FINAL_METRICS, (val_loss, trainer.global_step * tokens_per_step)))
+    metrics = dict(zip(FINAL_METRICS, (val_loss, tokens_seen)))
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(run_hparams(cfg), metrics)
@@ -206,9 +205,8 @@ def unused_token_report(run_dir: str | Path, up_to_step: int | None = None) -> s
     gap = [a - b for a, b in zip(loss, seen)]
     plot_unused_tokens(steps, loss, seen, mass, run_dir / "unused_tokens.png")
     drop, gap_drop = loss[0] - loss[-1], gap[0] - gap[-1]
-    # steps are Lightning's (0-based): the validation logged at step s ran after s + 1 optimizer steps
     return (
-        f"from optimizer step {steps[0] + 1} to {steps[-1] + 1}, val/loss fell {loss[0]:.2f} → {loss[-1]:.2f} "
+        f"from optimizer step {steps[0]} to {steps[-1]}, val/loss fell {loss[0]:.2f} → {loss[-1]:.2f} "
         f"({drop:.2f} nats), of which the part owed to never-seen tokens (val/loss − val/loss_seen_vocab, "
         f"{gap[0]:.2f} → {gap[-1]:.2f}) explains {gap_drop:.2f} nats = {gap_drop / drop:.0%}; the probability "
         f"on never-seen tokens fell {mass[0]:.3f} → {mass[-1]:.3f}"
@@ -221,14 +219,13 @@ def plot_unused_tokens(steps, loss, seen, mass, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    optimizer_steps = [s + 1 for s in steps]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    top.plot(optimizer_steps, loss, label="val/loss")
-    top.plot(optimizer_steps, seen, label="val/loss_seen_vocab (never-seen tokens masked)")
-    top.fill_between(optimizer_steps, seen, loss, alpha=0.2, label="owed to never-seen tokens")
+    top.plot(steps, loss, label="val/loss")
+    top.plot(steps, seen, label="val/loss_seen_vocab (never-seen tokens masked)")
+    top.fill_between(steps, seen, loss, alpha=0.2, label="owed to never-seen tokens")
     top.set(ylabel="loss (nats)", title="where the early loss drop comes from")
     top.legend(fontsize="small")
-    bottom.plot(optimizer_steps, mass, color="C3")
+    bottom.plot(steps, mass, color="C3")
     bottom.set(xlabel="optimizer step", ylabel="val/unused_token_mass")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)

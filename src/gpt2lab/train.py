@@ -1,4 +1,5 @@
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -6,24 +7,28 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.callbacks.safe_stop import SafeStop
-from gpt2lab.config import ConfigError, check_config, grad_accum_steps
+from gpt2lab.callbacks.safe_stop import slurm_job_id
+from gpt2lab.config import check_config
+from gpt2lab.errors import ConfigError, RunStopped
 from gpt2lab.fastpath import tune_malloc
 from gpt2lab.sweep import log_final_metrics
 
 log = logging.getLogger(__name__)
 
-
-class RunStopped(SystemExit):
-    """Training ended early (a signal, a non-finite step) after saving a checkpoint: exits non-zero."""
+__all__ = ["RunStopped", "resume_from", "train"]
 
 
-def resume_from(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+def resume_from(ckpt_path: str | None, checkpoint_dir: str | os.PathLike) -> str | None:
     """`ckpt_path=last` is this run dir's last.ckpt (resume a run by running again in its dir:
-    `hydra.run.dir=outputs/runs/<run>`); any other value is a checkpoint file. Either must exist."""
+    `hydra.run.dir=outputs/runs/<run>`); any other value is a checkpoint file. Either must exist. Unset, a
+    SLURM job resumes from its run dir's last.ckpt when there is one: it was requeued (SafeStop)."""
+    last = Path(checkpoint_dir) / "last.ckpt"
     if ckpt_path is None:
+        if slurm_job_id() and last.is_file():
+            log.info("SLURM job %s was requeued: resuming from %s", slurm_job_id(), last)
+            return str(last)
         return None
-    path = Path(checkpoint_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         how = "python scripts/train.py ckpt_path=last hydra.run.dir=outputs/runs/<the run to resume>"
         raise ConfigError(
@@ -35,7 +40,8 @@ def resume_from(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
 
 def train(cfg: DictConfig) -> float:
     """Instantiate data, module, callbacks, loggers and Trainer from `cfg`, fit, and return the final
-    val/loss (the metric a sweeper minimizes)."""
+    val/loss (the metric a sweeper minimizes). A run stopped early (a signal, a non-finite step) raises
+    RunStopped once its checkpoint is written."""
     check_config(cfg)
     ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)  # before any work
     output_dir = Path(cfg.paths.output_dir)
@@ -58,22 +64,13 @@ def train(cfg: DictConfig) -> float:
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
         logger=[instantiate(lg) for lg in cfg.logger.values()],
     )
-    # derived once here: both need the world size, which the Trainer knows only once built
-    accum = grad_accum_steps(cfg.train.total_batch_size, cfg.data.batch_size, cfg.data.seq_len, trainer.world_size)
-    log.info("gradient accumulation steps: %d (world size %d)", accum, trainer.world_size)
-    trainer.accumulate_grad_batches = accum
-    trainer.val_check_interval = cfg.train.val_every_n_steps * accum  # Lightning counts micro-batches
-
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    stop = next((c for c in trainer.callbacks if isinstance(c, SafeStop)), None)
-    if stop is not None and stop.reason:
-        raise RunStopped(
-            f"{stop.reason}.\nCheckpoint: {stop.checkpoint}\nResume with: python scripts/train.py "
-            f"<the same overrides> ckpt_path={stop.checkpoint}"
+    if "val/loss" not in trainer.callback_metrics:  # no step ran: the checkpoint was already at max_steps
+        raise ConfigError(
+            f"nothing to train: {ckpt_path} is at step {trainer.global_step}, trainer.max_steps={cfg.trainer.max_steps}; "
+            "raise trainer.max_steps to extend the run"
         )
-    if trainer.global_step % cfg.train.val_every_n_steps:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final val/loss is of the final weights
-    val_loss = float(trainer.callback_metrics["val/loss"])
-    log_final_metrics(trainer, cfg, val_loss)  # TensorBoard's HParams tab: this run beside the others
+    val_loss = float(trainer.callback_metrics["val/loss"])  # validated at the last step
+    log_final_metrics(trainer, cfg, val_loss, trainer.global_step * datamodule.tokens_per_step)
     log.info("final val/loss %.4f; run dir %s", val_loss, output_dir)
     return val_loss

@@ -1,8 +1,6 @@
 """Speed per optimizer step: step time, tokens/s and model FLOPs utilization, in TensorBoard and on the
 progress bar."""
 
-import time
-
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
@@ -35,12 +33,12 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 class SpeedMonitor(L.Callback):
-    """Logs per optimizer step `perf/step_time` (s), `perf/tokens_per_sec` (all ranks) and `perf/mfu`
-    (model FLOPs per second of one device ÷ its peak).
+    """Logs per optimizer step `perf/step_time` (s), `perf/tokens_per_sec` (all ranks) and `perf/mfu` (model
+    FLOPs per second of one device ÷ its peak), from the step's own report (GPTModule.training_step).
 
-    A step's time runs from the end of the previous step (so it includes loading the batches) to the end
-    of its optimizer update; the first step starts at the start of training and so includes warm-up and
-    compilation, and time spent in validation is not counted.
+    A step's time runs from the start of its first micro-batch to its update done: validation, text samples,
+    HellaSwag and checkpoints after it are not in it, nor is loading its batch (a slice of a memory map). The
+    first step includes warm-up and compilation.
     """
 
     def __init__(self, peak_flops: float | None = None):
@@ -51,35 +49,15 @@ class SpeedMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_flops is None:
             self.peak_flops = peak_flops(pl_module.device, trainer.precision)
-        self._restart_clock(pl_module)
-        self.step_tokens, self.last_global_step = 0, trainer.global_step
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restart_clock(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        x, _ = batch
-        self.step_tokens += x.numel() * trainer.world_size
-        if trainer.global_step == self.last_global_step:
-            return  # accumulating gradients: the optimizer step is not done yet
-        now = self._now(pl_module)
-        step_time = now - self.step_start
-        tokens_per_sec = self.step_tokens / step_time
-        seq_len = x.size(1)
+        report = outputs["report"]
+        tokens_per_sec = report.tokens / report.time
+        seq_len = batch[0].size(-1)
         if seq_len not in self.flops_per_token:
             self.flops_per_token[seq_len] = flops_per_token(pl_module.model, seq_len)
-        pl_module.log("perf/step_time", step_time)
+        pl_module.log("perf/step_time", report.time)
         pl_module.log("perf/tokens_per_sec", tokens_per_sec, prog_bar=True)
         if self.peak_flops:
             mfu = self.flops_per_token[seq_len] * tokens_per_sec / trainer.world_size / self.peak_flops
             pl_module.log("perf/mfu", mfu, prog_bar=True)
-        self.step_start, self.step_tokens, self.last_global_step = now, 0, trainer.global_step
-
-    def _restart_clock(self, pl_module: L.LightningModule) -> None:
-        self.step_start = self._now(pl_module)
-
-    @staticmethod
-    def _now(pl_module: L.LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)  # kernels run asynchronously: wait for the step's
-        return time.perf_counter()

@@ -1,35 +1,42 @@
 import logging
+import os
 import signal
+import subprocess
 import threading
-from enum import Enum
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from gpt2lab.config import OnNonFinite
+from gpt2lab.errors import RunStopped
+
 log = logging.getLogger(__name__)
 
 
-class OnNonFinite(str, Enum):
-    stop = "stop"
-    skip = "skip"
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes (`<array job>_<task>` for an array task); None outside SLURM."""
+    if array_job := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 class SafeStop(Callback):
-    """Ends training cleanly at an optimizer-step boundary, after writing last.ckpt, when
+    """Ends training cleanly at an optimizer-step boundary, with last.ckpt written at that step, when
 
     - the process gets SIGINT (Ctrl-C) or SIGTERM (e.g. a cluster's pre-emption): the step under way
       finishes first; a second signal stops at once;
-    - a step had a non-finite loss or gradient norm and `on_nonfinite` is "stop" (the module never
-      applies such a step, so the checkpoint holds the last good weights); with "skip" it goes on.
+    - under SLURM, SIGUSR1 (`--signal=USR1@<s>` before the time limit): the same, and then the job is requeued
+      (`scontrol requeue`); it restarts in the same run dir and resumes from last.ckpt by itself (train.py);
+    - a step was withheld as non-finite (its StepReport's fault) and `on_nonfinite` is "stop" (the
+      checkpoint then holds the last good weights); with "skip" the run goes on.
 
-    `reason` says why it stopped (None when it did not); train() turns it into a non-zero exit.
+    The checkpoint is the Checkpoints callback's (it saves at a step where trainer.should_stop is set). When the
+    run ends, a stop raises RunStopped (a non-zero exit) saying why and how to resume.
     """
 
     def __init__(self, on_nonfinite: OnNonFinite | str):
         self.on_nonfinite = OnNonFinite(on_nonfinite)
         self.reason: str | None = None
-        self.checkpoint: Path | None = None
         self._signal: str | None = None
         self._previous_handlers: dict = {}
 
@@ -46,35 +53,52 @@ class SafeStop(Callback):
         self._previous_handlers = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step = trainer.global_step
-        # installed after Lightning's own SIGTERM handler (set up when fit starts), replacing it: Lightning
-        # would stop after the current micro-batch, which under gradient accumulation is mid-step
+        # installed after Lightning's own handlers (set up when fit starts), replacing them: Lightning would stop
+        # after the current micro-batch on SIGTERM, and save mid-step on SLURM's SIGUSR1
+        signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if slurm_job_id() else [])
         if threading.current_thread() is threading.main_thread():
-            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in signals}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step:
-            return  # a micro-batch inside an optimizer step
-        self._step = trainer.global_step
-        bad = pl_module.nonfinite
-        pl_module.nonfinite = None
-        if bad and self.on_nonfinite is OnNonFinite.skip:
-            log.warning("skipped optimizer step %d: %s (train.on_nonfinite=skip)", bad["step"], bad["what"])
-            bad = None
+        report = outputs["report"]  # one batch is one optimizer step
+        fault = report.fault
+        if fault and self.on_nonfinite is OnNonFinite.skip:
+            log.warning("skipped optimizer step %d: %s (train.on_nonfinite=skip)", report.step, fault)
+            fault = None
         signalled = trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
-        if not (bad or signalled):
+        if not (fault or signalled):
             return
-        self.checkpoint = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        trainer.save_checkpoint(self.checkpoint)
         trainer.should_stop = True
-        if bad:
+        if fault:
             self.reason = (
-                f"stopped at step {bad['step']}: {bad['what']} (loss {bad['loss']:.4g}, lr {bad['lr']:.3g}); the step "
-                "was not applied and last.ckpt holds the weights before it. Lower optim.lr or raise "
-                "scheduler.warmup_steps, or set train.on_nonfinite=skip to step over such batches"
+                f"stopped at step {report.step}: {fault} (loss {report.loss:.4g}, grad norm {report.grad_norm:.4g}, "
+                f"lr {report.lr:.3g}); the step was not applied and last.ckpt holds the weights before it. Lower "
+                "optim.lr or raise scheduler.warmup_steps, or set train.on_nonfinite=skip to step over such batches"
             )
         else:
-            self.reason = f"interrupted by {self._signal or 'a signal on another rank'} after step {trainer.global_step}"
+            self.reason = f"interrupted by {self._signal or 'a signal on another rank'} after step {report.step}"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+        if self.reason is None:
+            return
+        # last.ckpt of this step is written: Checkpoint callbacks ran at its end
+        run_dir = trainer.default_root_dir
+        if self._signal == "SIGUSR1" and trainer.is_global_zero:
+            job = slurm_job_id()
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                problem = done.returncode and (done.stderr.strip() or f"exit status {done.returncode}")
+            except OSError as e:  # no scontrol on this node
+                problem = str(e)
+            if problem:
+                log.error("`scontrol requeue %s` failed (%s): resume by hand (below)", job, problem)
+            else:
+                log.info("requeued SLURM job %s: it resumes from last.ckpt in %s", job, run_dir)
+        raise RunStopped(
+            f"{self.reason}.\nCheckpoint: {run_dir}/checkpoints/last.ckpt\nResume with: python scripts/train.py "
+            f"<the same overrides> ckpt_path=last hydra.run.dir={run_dir}"
+        )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()

@@ -37,15 +37,10 @@ class TextSamples(L.Callback):
         self.every_n_steps, self.prompt, self.seed = every_n_steps, prompt, seed
         self.sampling = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
                          "top_k": top_k}  # fmt: skip
-        self.last_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        # with gradient accumulation this runs once per micro-batch: sample once per optimizer step
-        if step == 0 or step % self.every_n_steps or step == self.last_step:
-            return
-        self.last_step = step
-        if trainer.is_global_zero:
+        step = outputs["report"].step  # one batch is one optimizer step
+        if step % self.every_n_steps == 0 and trainer.is_global_zero:
             self.log_samples(trainer, pl_module, step)
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:

@@ -3,16 +3,38 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from gpt2lab.data.prepare import TRAIN_TOKEN_COUNTS, gpt2_encoding, prepare
+from gpt2lab import tokenizer
+from gpt2lab.data.prepare import TRAIN_TOKEN_COUNTS, prepare
 from gpt2lab.data.shards import ShardError, open_shard
 from gpt2lab.data.windows import TokenWindows, WindowLoader
+from gpt2lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+# the shard names of each split: ours and build-nanogpt's / modded-nanogpt's (`fineweb_train_000001.bin`), then
+# llm.c's own Tiny Shakespeare and TinyStories files (`tiny_shakespeare_train.bin`)
+SHARD_PATTERNS = ("*{split}_*.bin", "*_{split}.bin")
+
+
+def micro_batches_per_step(total_batch_size: int | None, batch_size: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step (gradient accumulation) so that each step sees total_batch_size tokens."""
+    tokens_per_micro_batch = batch_size * seq_len * world_size
+    if total_batch_size is None:
+        return 1
+    if total_batch_size % tokens_per_micro_batch:
+        raise ConfigError(
+            f"train.total_batch_size={total_batch_size} is not divisible by data.batch_size × data.seq_len × "
+            f"world size = {batch_size} × {seq_len} × {world_size} = {tokens_per_micro_batch}: "
+            "make it a multiple, or set train.total_batch_size=null for one micro-batch per step"
+        )
+    return total_batch_size // tokens_per_micro_batch
+
+
 class GPTDataModule(L.LightningDataModule):
-    """Serves (x, y) batches of shifted token windows from the shards of one data set, preparing
-    them first if they are missing. The train loader's position is saved in every checkpoint."""
+    """Serves shifted token windows from the shards of one data set, preparing them first if they are
+    missing: a train batch is the micro-batches of one optimizer step, x and y each (A, B, T); a val batch is
+    one (B, T). The train loader's position is saved in every checkpoint."""
 
     def __init__(
         self,
@@ -20,6 +42,7 @@ class GPTDataModule(L.LightningDataModule):
         data_dir: str,
         batch_size: int,
         seq_len: int,
+        total_batch_size: int | None,
         shuffle: bool,
         seed: int,
         val_batches: int,
@@ -33,7 +56,8 @@ class GPTDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.source, self.data_dir = source, Path(data_dir)
-        self.batch_size, self.seq_len = batch_size, seq_len
+        self.batch_size, self.seq_len, self.total_batch_size = batch_size, seq_len, total_batch_size
+        self.micro_batches = 1  # per optimizer step: known in setup, from the world size
         self.shuffle_seed = seed if shuffle else None
         self.val_batches, self.num_workers, self.debug_batches = val_batches, num_workers, debug_batches
         self.prepare_settings = dict(
@@ -52,33 +76,38 @@ class GPTDataModule(L.LightningDataModule):
         return np.load(path) if path.exists() else None
 
     def windows(self, split: str, shuffle_seed: int | None = None) -> TokenWindows:
-        # `*train_*.bin` also matches llm.c's and build-nanogpt's names (fineweb_train_000001.bin)
-        paths = sorted(self.data_dir.glob(f"*{split}_*.bin"))
+        patterns = [p.format(split=split) for p in SHARD_PATTERNS]
+        paths = sorted({p for pattern in patterns for p in self.data_dir.glob(pattern)})
         if not paths:
             if not self.data_dir.is_dir():
                 problem = "does not exist"
             elif not any(self.data_dir.iterdir()):
                 problem = "is empty"
             else:
-                problem = f"holds no *{split}_*.bin shards"
+                problem = f"holds no {split} shards (looked for {' and '.join(patterns)})"
             raise ShardError(
                 f"data dir {self.data_dir} {problem}: prepare it with `python scripts/prepare_data.py "
                 "data=<name>`, or point data.data_dir at a directory of token shards"
             )
-        vocab_size = gpt2_encoding().n_vocab
-        shards = [open_shard(p, vocab_size) for p in paths]
+        shards = [open_shard(p, tokenizer.VOCAB_SIZE) for p in paths]
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return TokenWindows(shards, self.batch_size, self.seq_len, rank, world_size, shuffle_seed)
 
+    @property
+    def tokens_per_step(self) -> int:
+        world_size = self.trainer.world_size if self.trainer else 1
+        return self.micro_batches * self.batch_size * self.seq_len * world_size
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            accum = self.trainer.accumulate_grad_batches if self.trainer else 1
+            world_size = self.trainer.world_size if self.trainer else 1
+            self.micro_batches = micro_batches_per_step(self.total_batch_size, self.batch_size, self.seq_len, world_size)
+            log.info("gradient accumulation: %d micro-batches a step (world size %d)", self.micro_batches, world_size)
             train = self.windows("train", self.shuffle_seed)
-            self.train_loader = self._loader(train, batches_per_step=accum, debug=self.debug_batches)
-        if stage in ("fit", "validate"):
-            # always the same first batches (every validation is one whole pass), so val/loss is
-            # comparable across steps and runs
-            self.val_loader = self._loader(self.windows("val"), max_batches=self.val_batches)
+            self.train_loader = self._loader(train, micro_batches=self.micro_batches, debug=self.debug_batches)
+        # the same first batches at every validation (the loader restarts each pass), so val/loss is
+        # comparable across steps and runs
+        self._val_loader = self._loader(self.windows("val"), max_batches=self.val_batches, resume=False)
 
     def _loader(self, windows: TokenWindows, **kwargs) -> WindowLoader:
         pin = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
@@ -87,5 +116,6 @@ class GPTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> WindowLoader:
         return self.train_loader
 
-    def val_dataloader(self) -> WindowLoader:
-        return self.val_loader
+    def val_loader(self) -> WindowLoader:
+        """Not Lightning's val_dataloader: GPTModule validates within its optimizer step, when it is due."""
+        return self._val_loader

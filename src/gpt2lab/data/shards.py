@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2lab.errors import DataError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -16,7 +18,7 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit below 2^16
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard that cannot be read; the message names the file and the fix."""
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gpt2lab.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class TokenWindows(Dataset):
         self.first_batch_of_shard = np.cumsum([0] + self.batches_per_shard).tolist()
         self._current_shard: int | None = None
         if len(self) == 0:
-            raise ValueError(
+            raise DataError(
                 f"{sum(len(s) for s in shards)} tokens in {len(shards)} shard(s) do not fill one batch of "
                 f"B={batch_size} × T={seq_len} × {world_size} rank(s) + 1 tokens: "
                 "lower data.batch_size or data.seq_len, or use more data"
@@ -112,15 +114,35 @@ class TokenWindows(Dataset):
         return np.random.default_rng([self.shuffle_seed, epoch, shard]).permutation(n_windows)
 
 
+class StepBatches(Dataset):
+    """Optimizer step s (of epoch e) → its A micro-batches, global batches s·A .. s·A + A - 1, stacked: x and y
+    each (A, B, T). A pass holds whole steps: the global batches past the last full step sit it out."""
+
+    def __init__(self, windows: TokenWindows, micro_batches: int):
+        self.windows, self.micro_batches = windows, micro_batches
+
+    def __len__(self) -> int:
+        return len(self.windows) // self.micro_batches
+
+    def __getitem__(self, index: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, s = index
+        xs, ys = zip(*(self.windows[epoch, s * self.micro_batches + i] for i in range(self.micro_batches)))
+        return torch.stack(xs), torch.stack(ys)
+
+
 class WindowLoader:
-    """Iterates the global batches of `windows` pass after pass, each `iter()` continuing where the last
-    stopped, and saves that position (epoch, batches served) in its state: Lightning stores the
-    `state_dict()` of a train loader in every checkpoint and restores it on resume, so a resumed run is
-    served exactly the batches the interrupted one would have seen next.
+    """Iterates the batches of `windows`, pass after pass: with `micro_batches` A, one item per optimizer step
+    (x, y each (A, B, T)); without, one global batch per item (x, y each (B, T)).
+
+    With `resume` (the train loader), each `iter()` continues where the last stopped, and its state is that
+    position (epoch, items served): Lightning stores the `state_dict()` of a train loader in every checkpoint
+    and restores it on resume, so a resumed run is served exactly the steps the interrupted one would have
+    seen next. Without (validation), every `iter()` starts at the first batch: each validation sees the same
+    batches, however the last one ended.
 
     Not a DataLoader subclass on purpose: Lightning would replace its sampler with a DistributedSampler,
     but TokenWindows already gives each rank its own slice. It has a length (one pass), so Lightning does
-    not prefetch a batch ahead of the training step, and the position counts exactly the batches trained on.
+    not prefetch a batch ahead of the training step, and the position counts exactly the steps trained on.
     """
 
     def __init__(
@@ -129,17 +151,17 @@ class WindowLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         max_batches: int | None = None,
-        batches_per_step: int = 1,
+        micro_batches: int | None = None,
+        resume: bool = True,
         debug: bool = False,
     ):
         self.windows, self.num_workers, self.pin_memory, self.debug = windows, num_workers, pin_memory, debug
-        length = len(windows) if max_batches is None else min(max_batches, len(windows))
-        # a pass holds whole optimizer steps: at the end of a pass Lightning would step on a partial
-        # gradient accumulation, with fewer tokens than train.total_batch_size
-        self.length = length // batches_per_step * batches_per_step
+        self.micro_batches, self.resume = micro_batches, resume
+        self.items = windows if micro_batches is None else StepBatches(windows, micro_batches)
+        self.length = len(self.items) if max_batches is None else min(max_batches, len(self.items))
         if self.length == 0:
-            raise ValueError(
-                f"{length} batches a pass over the data do not fill one optimizer step of {batches_per_step} "
+            raise DataError(
+                f"{len(windows)} batches a pass over the data do not fill one optimizer step of {micro_batches} "
                 "micro-batches: lower train.total_batch_size, data.batch_size or data.seq_len, or use more data"
             )
         self.epoch, self.served = 0, 0
@@ -148,29 +170,38 @@ class WindowLoader:
         return self.length
 
     def __iter__(self):
-        if self.served >= len(self):  # a pass that ended exactly at a checkpoint
+        if not self.resume:
+            self.epoch, self.served = 0, 0
+        elif self.served >= len(self):  # a pass that ended exactly at a checkpoint
             self.epoch, self.served = self.epoch + 1, 0
         epoch, start = self.epoch, self.served
         order = zip(itertools.repeat(epoch), range(start, len(self)))  # lazy: a pass may be 10^6 batches
         loader = DataLoader(
-            self.windows, batch_size=None, sampler=order, num_workers=self.num_workers, pin_memory=self.pin_memory
+            self.items, batch_size=None, sampler=order, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
-        for g, batch in enumerate(loader, start):
-            self.served = g + 1  # counted before the step, as Lightning saves the state after it
+        for i, batch in enumerate(loader, start):
+            self.served = i + 1  # counted before the step, as Lightning saves the state after it
             if self.debug:
-                log.info("rank %d batch %s", self.windows.rank, describe_batch(batch, epoch, g))
+                self._log_windows(batch, epoch, i)
             yield batch
         self.epoch, self.served = epoch + 1, 0
+
+    def _log_windows(self, batch: tuple[torch.Tensor, torch.Tensor], epoch: int, i: int) -> None:
+        if self.micro_batches is None:
+            log.info("rank %d batch %s", self.windows.rank, describe_batch(batch, epoch, i))
+            return
+        for m, (x, y) in enumerate(zip(*batch)):  # one line per micro-batch: global batch i·A + m
+            log.info("rank %d batch %s", self.windows.rank, describe_batch((x, y), epoch, i * self.micro_batches + m))
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "served": self.served, "batches_per_epoch": len(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["batches_per_epoch"] != len(self):
-            raise ValueError(
+            raise DataError(
                 f"the checkpoint's train loader had {state['batches_per_epoch']} batches per pass, this run has "
-                f"{len(self)}: the data, data.batch_size, data.seq_len or the number of devices changed since; "
-                "resume with the settings the checkpoint was trained with"
+                f"{len(self)}: the data, data.batch_size, data.seq_len, train.total_batch_size or the number of "
+                "devices changed since; resume with the settings the checkpoint was trained with"
             )
         self.epoch, self.served = state["epoch"], state["served"]
 

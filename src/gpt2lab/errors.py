@@ -1,0 +1,35 @@
+"""Errors a user causes and can fix (a config value, a data dir, a download, a checkpoint): every script prints
+their message as one line and exits non-zero; anything else is a bug and keeps its traceback."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the value, the file and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be read or prepared: a missing or corrupt shard, a failed download, a bad source file."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, not gpt2lab's, of another format or of another model size."""
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """For scripts' main(): a UserError ends the process with its message on one line and exit status 1."""
+    try:
+        yield
+    except UserError as e:
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        raise SystemExit(f"{kind}: {e}") from None
+
+
+class RunStopped(SystemExit):
+    """Training ended early (a signal, a non-finite step) after saving a checkpoint: exits non-zero."""

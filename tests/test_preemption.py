@@ -1,0 +1,137 @@
+"""A run interrupted mid-step (in the middle of gradient accumulation) finishes that step, writes last.ckpt, and
+resumes from it to exactly the run that was never interrupted: SIGTERM and SIGINT by `ckpt_path=last`, SLURM's
+SIGUSR1 by requeueing its job, whose next start resumes by itself. A second Ctrl-C stops at once.
+
+The signals are real, sent to this process from inside the forward pass of a chosen micro-batch; the runs are
+real train() calls, read back from their TensorBoard files and checkpoints."""
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import compose_train_in
+from gpt2lab.train import RunStopped, train
+
+N = 6  # optimizer steps
+# 2 micro-batches of 4 × 32 tokens a step; validation every 2 steps
+RUN = ["model=tiny", "accelerator=cpu", "data.seq_len=32", "data.val_batches=1", "train.total_batch_size=256",
+       "train.val_every_n_steps=2", f"trainer.max_steps={N}", "~callbacks.text_samples"]  # fmt: skip
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}  # fmt: skip
+
+
+class SignalMidStep(L.Callback):
+    """Sends `signals` to this process from the forward pass of micro-batch `micro` of optimizer step `step`."""
+
+    def __init__(self, signals: list[str], step: int, micro: int):
+        self.signals, self.step, self.micro, self.forwards = [signal.Signals[s] for s in signals], step, micro, 0
+
+    def on_train_start(self, trainer, pl_module):
+        def send(module, inputs):
+            if torch.is_grad_enabled() and trainer.global_step == self.step - 1:  # steps done before this one
+                if self.forwards == self.micro:
+                    for sig in self.signals:
+                        os.kill(os.getpid(), sig)
+                self.forwards += 1
+
+        pl_module.model.register_forward_pre_hook(send)
+
+
+def signal_at(step: int, micro: int, *signals: str) -> str:
+    return f"+callbacks.signal={{_target_:test_preemption.SignalMidStep,signals:[{','.join(signals)}],step:{step},micro:{micro}}}"
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of tag over every events file of the run dir (each process that ran in it wrote one)."""
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(compose_train_in(run_dir, data_dir, *RUN))
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, straight: Path) -> None:
+    for tag in ("train/loss", "train/grad_norm", "lr", "val/loss"):
+        assert scalars(run_dir, tag) == scalars(straight, tag), tag  # steps and values, bitwise (float32)
+    resumed = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    reference = torch.load(straight / "checkpoints/last.ckpt", weights_only=False)
+    assert resumed["global_step"] == N
+    for name, weight in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], weight), name
+
+
+@pytest.fixture
+def restore_signal_handlers():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_accumulation_finishes_the_step_and_resumes_to_the_straight_run(
+    tmp_path, data_dir, straight, sig, restore_signal_handlers
+):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunStopped, match=rf"(?s)interrupted by {sig} after step 3\..*ckpt_path=last hydra.run.dir="):
+        train(compose_train_in(run_dir, data_dir, *RUN, signal_at(3, 0, sig)))  # in step 3's first micro-batch
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    assert [s for s, _ in scalars(run_dir, "train/loss")] == [1, 2, 3]  # the step under way finished
+    train(compose_train_in(run_dir, data_dir, *RUN, "ckpt_path=last"))
+    assert_same_run(run_dir, straight)
+
+
+@pytest.mark.slow
+def test_slurm_sigusr1_requeues_the_job_which_resumes_by_itself(
+    tmp_path, data_dir, straight, monkeypatch, restore_signal_handlers
+):
+    # a stand-in scontrol on PATH that records how it was called
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+
+    run_dir = tmp_path / "run"  # the same dir on requeue (a SLURM job's run dir is named after its id)
+    with pytest.raises(RunStopped, match=r"interrupted by SIGUSR1 after step 4"):
+        train(compose_train_in(run_dir, data_dir, *RUN, signal_at(4, 1, "SIGUSR1")))  # in step 4's last micro-batch
+    assert calls.read_text().split("\n")[0] == "requeue 4242"
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    train(compose_train_in(run_dir, data_dir, *RUN))  # the requeued job: no ckpt_path
+    assert_same_run(run_dir, straight)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path, data_dir, restore_signal_handlers):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_train_in(run_dir, data_dir, *RUN, signal_at(2, 0, "SIGINT", "SIGINT")))
+    assert stopped.value.code == 1 and not isinstance(stopped.value, RunStopped)
+    assert [s for s, _ in scalars(run_dir, "train/loss")] == [1]  # step 2 never finished
+    assert not (run_dir / "checkpoints/last.ckpt").exists()  # and nothing was saved mid-step
+
+
+def test_slurm_run_dir_is_named_after_the_job(monkeypatch):
+    from gpt2lab.config import new_run_name
+
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert new_run_name() == "slurm_4242"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert new_run_name() == "slurm_77_3"
