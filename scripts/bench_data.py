@@ -20,17 +20,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from gpt2lab.data import TokenWindows, WindowLoader, open_shard, write_shard
-from gpt2lab.data.prepare import TinyShakespeare, encode_documents
+from gpt2lab.data.prepare import encode_documents
 
-TS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TS_TOKENS = 338_025
 
 
 def tinyshakespeare_text(data_dir: Path) -> str:
-    source = TinyShakespeare(TS_URL, TS_SHA256, os.environ.get("GPT2LAB_TINYSHAKESPEARE"))
+    # the source of conf/data/tinyshakespeare.yaml: its url, sha256 and $GPT2LAB_TINYSHAKESPEARE
+    source = instantiate(OmegaConf.load(CONF_DIR / "data" / "tinyshakespeare.yaml").source)
     return next(source.documents(data_dir))
 
 

@@ -19,11 +19,11 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 
 import gpt2lab.config
+from gpt2lab import tokenizer
 from gpt2lab.model import GPT
 from gpt2lab.sample import generate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-EOT = 50256
 
 
 def build_model(name: str, device: str) -> GPT:
@@ -36,7 +36,7 @@ def build_model(name: str, device: str) -> GPT:
 
 
 def tokens_per_second(model: GPT, kv_cache: bool, max_new_tokens: int, num_samples: int, device: str) -> float:
-    idx = torch.full((num_samples, 1), EOT, dtype=torch.long, device=device)
+    idx = torch.full((num_samples, 1), tokenizer.EOT_ID, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -6,16 +6,18 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from gpt2lab.checkpoint import load_checkpoint, resolve_checkpoint
+from gpt2lab.errors import exit_on_user_error
 from gpt2lab.hf import export_hf
-from gpt2lab.sample import load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export_hf")
 def main(cfg: DictConfig) -> None:
-    path = resolve_checkpoint(cfg.ckpt, cfg.runs_dir)
-    out = export_hf(load_checkpoint(path), cfg.out)
+    with exit_on_user_error():
+        path = resolve_checkpoint(cfg.ckpt, cfg.runs_dir)
+        out = export_hf(load_checkpoint(path), cfg.out)
     log.info("exported %s to %s", path, out.resolve())
 
 

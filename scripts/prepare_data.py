@@ -8,14 +8,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
+from gpt2lab.errors import exit_on_user_error
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
+    with exit_on_user_error():
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
     log.info("shards ready in %s", datamodule.data_dir)
 
 

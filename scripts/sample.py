@@ -1,15 +1,29 @@
 """Sample text: `python scripts/sample.py ckpt=outputs/runs/<run> prompt="ROMEO:"` (see conf/sample.yaml)."""
 
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
 import gpt2lab.config  # noqa: F401  (registers ${gpt2lab.device:})
-from gpt2lab.sample import sample_from_config
+from gpt2lab.checkpoint import load_model
+from gpt2lab.errors import exit_on_user_error
+from gpt2lab.sample import sample
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    for i, text in enumerate(sample_from_config(cfg)):
+    with exit_on_user_error():
+        model = load_model(cfg.ckpt, cfg.hf, cfg.runs_dir).to(cfg.device).eval()
+        log.info("%s parameters on %s", f"{model.num_params():,}", cfg.device)
+        texts = sample(
+            model, cfg.prompt, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, stop_at_eot=cfg.stop_at_eot,
+            kv_cache=cfg.kv_cache,
+        )  # fmt: skip
+    for i, text in enumerate(texts):
         print(f"--- sample {i}\n{text}")
 
 

@@ -1,22 +1,21 @@
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from gpt2lab.data import GPTDataModule, ShardError, TinyShakespeare, TokenWindows, open_shard, write_shard
-from gpt2lab.data.shards import HEADER_BYTES, MAGIC
+from conftest import CONF_DIR
+from gpt2lab.data import GPTDataModule, ShardError, TinyShakespeare, TokenWindows, WindowLoader, prepare
+from gpt2lab.data.shards import HEADER_BYTES, MAGIC, open_shard, write_shard
+from gpt2lab.errors import DataError
+from test_prepare import TINYSHAKESPEARE_SHA256
 
 
 def datamodule(data_dir, **overrides) -> GPTDataModule:
     """The DataModule of the real `data=shards` config (shards already in `data_dir`), B=4, T=32."""
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF_DIR
-
     settings = {"data_dir": data_dir, "batch_size": 4, "seq_len": 32, **overrides}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -134,37 +133,9 @@ def test_shard_from_another_tokenizer_is_rejected(tmp_path):
         open_shard(tmp_path / "x.bin", vocab_size=50257)
 
 
-TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def test_tinyshakespeare_download_verifies_the_file(tmp_path):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
-    (tmp_path / "mirror.txt").write_text(text)
-    url = (tmp_path / "mirror.txt").as_uri()  # a real urllib download, from a file:// mirror
-    good = TinyShakespeare(url=url, sha256=hashlib.sha256(text.encode()).hexdigest())
-    (tmp_path / "a").mkdir()
-    assert list(good.documents(tmp_path / "a")) == [text]
-    assert (tmp_path / "a" / "input.txt").read_text() == text
-
-    (tmp_path / "b").mkdir()
-    with pytest.raises(RuntimeError, match="not the right file"):
-        list(TinyShakespeare(url=url, sha256=TINYSHAKESPEARE_SHA256).documents(tmp_path / "b"))
-    assert not list((tmp_path / "b").iterdir())  # nothing half-downloaded left behind
-
-
-def test_offline_download_failure_says_how_to_seed_a_copy(tmp_path):
-    missing = TinyShakespeare(url=(tmp_path / "nowhere.txt").as_uri(), sha256=TINYSHAKESPEARE_SHA256)
-    with pytest.raises(RuntimeError, match="GPT2LAB_TINYSHAKESPEARE"):
-        list(missing.documents(tmp_path))
-
-
 @pytest.fixture(scope="session")
 def tinyshakespeare(data_dir) -> Path:
     """Tiny Shakespeare prepared by the DataModule of the real config."""
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF_DIR
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.data_dir={data_dir}", "paths.output_dir=unused"])
     dm: GPTDataModule = instantiate(cfg.data)
@@ -187,11 +158,9 @@ def test_preparing_again_does_nothing_and_other_settings_refuse(tinyshakespeare)
     shard = tinyshakespeare / "train_000000.bin"
     before = shard.stat().st_mtime_ns
     source = TinyShakespeare(url="unused", sha256=TINYSHAKESPEARE_SHA256)
-    from gpt2lab.data import prepare
-
     prepare(source, tinyshakespeare, val_fraction=0.1, val_shards=None, shard_size=100_000_000)
     assert shard.stat().st_mtime_ns == before
-    with pytest.raises(RuntimeError, match=r"val_fraction: 0.1 → now 0.2\): add data.rebuild=true"):
+    with pytest.raises(DataError, match=r"val_fraction: 0.1 → now 0.2\): add data.rebuild=true"):
         prepare(source, tinyshakespeare, val_fraction=0.2, val_shards=None, shard_size=100_000_000)
     assert shard.stat().st_mtime_ns == before
 
@@ -199,15 +168,15 @@ def test_preparing_again_does_nothing_and_other_settings_refuse(tinyshakespeare)
 def test_datamodule_serves_shifted_batches_and_a_fixed_val_set(tinyshakespeare):
     dm = datamodule(tinyshakespeare, val_batches=3)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == y.shape == (4, 32)
-    assert torch.equal(x[0, 1:], y[0, :-1])
-    val = [b[0] for b in dm.val_dataloader()]
-    assert len(val) == 3 and torch.equal(torch.stack(val), torch.stack([b[0] for b in dm.val_dataloader()]))
+    xs, ys = next(iter(dm.train_dataloader()))
+    assert xs.shape == ys.shape == (1, 4, 32)  # one optimizer step of one micro-batch
+    assert torch.equal(xs[0, 0, 1:], ys[0, 0, :-1])
+    val = [b[0] for b in dm.val_loader()]
+    assert len(val) == 3 and torch.equal(torch.stack(val), torch.stack([b[0] for b in dm.val_loader()]))
 
 
 @pytest.mark.parametrize(
-    "contents, problem", [(None, "does not exist"), ([], "is empty"), (["notes.txt"], "holds no \\*train_\\*.bin shards")]
+    "contents, problem", [(None, "does not exist"), ([], "is empty"), (["notes.txt"], "holds no train shards \\(looked for \\*train_\\*.bin and \\*_train.bin\\)")]
 )
 def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path, contents, problem):
     data_dir = tmp_path / "shards"
@@ -219,136 +188,6 @@ def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path, contents, problem)
         datamodule(data_dir).setup("fit")
 
 
-# --- sources → shards at scale: streaming, the process pool, fixed-size shards, manifest --------------
-
-from gpt2lab.data import HFDataset, TextFiles, WindowLoader, prepare  # noqa: E402
-from gpt2lab.data.prepare import gpt2_encoding  # noqa: E402
-
-DOCS = [f"Document {i}: " + " ".join(["the quick brown fox jumps over the lazy dog"] * (i % 7 + 1)) for i in range(60)]
-
-
-def reference_stream(docs) -> np.ndarray:
-    """<|endoftext|> + tiktoken's ids, document after document: what every source must produce."""
-    enc = gpt2_encoding()
-    return np.array([t for d in docs for t in [enc.eot_token, *enc.encode_ordinary(d)]], dtype=np.uint16)
-
-
-def read_split(data_dir: Path, split: str) -> list[np.ndarray]:
-    return [open_shard(p, vocab_size=50257) for p in sorted(data_dir.glob(f"{split}_*.bin"))]
-
-
-@pytest.fixture
-def jsonl(tmp_path) -> Path:
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(DOCS)))
-    return path
-
-
-def test_streamed_hf_source_writes_fixed_size_shards_with_the_first_as_val(tmp_path, jsonl):
-    """The `datasets` code path of FineWeb-Edu (load_dataset(..., streaming=True)), offline on a local jsonl,
-    tokenized by a pool of 2 processes."""
-    source = HFDataset(path="json", data_files=str(jsonl), split="train")
-    prepare(source, tmp_path / "out", val_fraction=None, val_shards=1, shard_size=500, num_proc=2)
-    stream = reference_stream(DOCS)
-    val, train = read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")
-    assert [len(s) for s in val + train[:-1]] == [500] * (len(val) + len(train) - 1) and 0 < len(train[-1]) <= 500
-    assert np.array_equal(np.concatenate(val + train), stream)  # document order kept through the pool
-    counts = np.load(tmp_path / "out" / "train_token_counts.npy")
-    assert np.array_equal(counts, np.bincount(np.concatenate(train), minlength=50257))
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["tokens"] == {"train": len(stream) - 500, "val": 500}
-    assert manifest["settings"]["source"]["path"] == "json" and manifest["settings"]["val_shards"] == 1
-
-
-def test_text_files_are_documents_and_val_fraction_splits_across_shards(tmp_path):
-    corpus = tmp_path / "corpus"
-    (corpus / "sub").mkdir(parents=True)
-    for i, doc in enumerate(DOCS[:30]):
-        (corpus / ("sub" if i % 2 else "") / f"{i:02d}.txt").write_text(doc)
-    files = sorted(corpus.rglob("*.txt"))
-    prepare(TextFiles(str(corpus)), tmp_path / "out", val_fraction=0.25, val_shards=None, shard_size=100, num_proc=1)
-    stream = reference_stream([f.read_text() for f in files])
-    val, train = read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")
-    n_val = int(len(stream) * 0.25)
-    assert len(val) > 1 and len(train) > 1  # the cut falls inside a shard: both sides span several shards
-    assert np.array_equal(np.concatenate(train), stream[:-n_val]) and np.array_equal(np.concatenate(val), stream[-n_val:])
-    assert np.array_equal(np.load(tmp_path / "out" / "train_token_counts.npy"), np.bincount(stream[:-n_val], minlength=50257))
-
-
-def test_text_source_errors_name_the_path_and_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="data.source.path is not set: set data.source.path="):
-        TextFiles(None)
-    with pytest.raises(FileNotFoundError, match=f"data.source.path: {tmp_path / 'nope'} does not exist"):
-        TextFiles(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="holds no .txt files"):
-        TextFiles(str(tmp_path))
-    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text .*iconv"):
-        list(TextFiles(str(tmp_path)).documents(tmp_path))
-
-
-def test_one_process_and_a_pool_write_identical_shards(tmp_path, jsonl):
-    source = HFDataset(path="json", data_files=str(jsonl), split="train")
-    for num_proc in (1, 2):
-        prepare(source, tmp_path / str(num_proc), val_fraction=0.1, val_shards=None, shard_size=400, num_proc=num_proc)
-    names = sorted(p.name for p in (tmp_path / "1").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "2").iterdir())
-    for name in names:
-        if name != "manifest.json":
-            assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
-
-
-def test_other_settings_refuse_and_rebuild_replaces_every_shard(tmp_path, jsonl):
-    source = HFDataset(path="json", data_files=str(jsonl), split="train")
-    out = tmp_path / "out"
-    prepare(source, out, val_fraction=None, val_shards=1, shard_size=300, num_proc=1)
-    n_small = len(list(out.glob("train_*.bin")))
-    with pytest.raises(RuntimeError, match=r"shard_size: 300 → now 1000\): add data.rebuild=true"):
-        prepare(source, out, val_fraction=None, val_shards=1, shard_size=1000, num_proc=1)
-    prepare(source, out, val_fraction=None, val_shards=1, shard_size=1000, num_proc=1, rebuild=True)
-    train = read_split(out, "train")
-    assert len(train) < n_small and all(len(s) <= 1000 for s in train)  # no stale shard of the old layout left
-    assert np.array_equal(np.concatenate(read_split(out, "val") + train), reference_stream(DOCS))
-
-
-class Interrupted(Exception):
-    pass
-
-
-class DiesMidway:
-    """A source killed after its first documents: the shards so far are written, the manifest is not."""
-
-    def describe(self) -> dict:
-        return {"name": "dies"}
-
-    def documents(self, data_dir):
-        yield from DOCS[:40]
-        raise Interrupted
-
-
-def test_interrupted_prepare_is_redone_from_scratch(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(Interrupted):
-        prepare(DiesMidway(), out, val_fraction=None, val_shards=1, shard_size=200, num_proc=1)
-    assert list(out.glob("train_*.bin")) and not (out / "manifest.json").exists()
-    assert not list(out.glob("*.tmp"))  # every shard on disk is whole (temp name + rename)
-
-    class Whole(DiesMidway):
-        def documents(self, data_dir):
-            yield from DOCS[:20]
-
-    prepare(Whole(), out, val_fraction=None, val_shards=1, shard_size=200, num_proc=1)
-    assert np.array_equal(np.concatenate(read_split(out, "val") + read_split(out, "train")), reference_stream(DOCS[:20]))
-
-
-def test_exactly_one_val_split_setting_is_required(tmp_path, jsonl):
-    source = HFDataset(path="json", data_files=str(jsonl), split="train")
-    with pytest.raises(ValueError, match="set exactly one of them"):
-        prepare(source, tmp_path, val_fraction=0.1, val_shards=1, shard_size=100)
-    with pytest.raises(ValueError, match="all of them val: lower data.shard_size"):
-        prepare(source, tmp_path / "x", val_fraction=None, val_shards=1, shard_size=10**6, num_proc=1)
-
-
 def test_shards_named_as_llm_c_writes_them_are_read_without_a_source(tmp_path):
     rng = np.random.default_rng(1)
     write_shard(tmp_path / "fineweb_val_000000.bin", rng.integers(0, 50257, size=300, dtype=np.uint16))
@@ -357,7 +196,7 @@ def test_shards_named_as_llm_c_writes_them_are_read_without_a_source(tmp_path):
     dm = datamodule(tmp_path)
     dm.prepare_data()  # data=shards has no source: nothing to prepare
     dm.setup("fit")
-    assert len(dm.train_dataloader()) == 2 * (399 // 128) and len(dm.val_dataloader()) == 2
+    assert len(dm.train_dataloader()) == 2 * (399 // 128) and len(dm.val_loader()) == 2
 
 
 # --- windows over many shards, shuffling, the resumable loader ---------------------------------------
@@ -414,12 +253,12 @@ def test_loader_resumes_where_its_saved_state_says_across_passes(even_shards):
 
 def test_a_pass_holds_whole_optimizer_steps_and_a_changed_setup_refuses_the_state(even_shards):
     windows = TokenWindows(even_shards, 4, 8)  # 10 batches a pass
-    assert len(WindowLoader(windows, batches_per_step=4)) == 8
-    with pytest.raises(ValueError, match="do not fill one optimizer step of 16 micro-batches"):
-        WindowLoader(windows, batches_per_step=16)
-    state = WindowLoader(windows).state_dict()
-    with pytest.raises(ValueError, match="had 10 batches per pass, this run has 8"):
-        WindowLoader(windows, batches_per_step=4).load_state_dict(state)
+    assert len(WindowLoader(windows, micro_batches=4)) == 2  # steps
+    with pytest.raises(DataError, match="do not fill one optimizer step of 16 micro-batches"):
+        WindowLoader(windows, micro_batches=16)
+    state = WindowLoader(windows, micro_batches=1).state_dict()
+    with pytest.raises(DataError, match="had 10 batches per pass, this run has 2"):
+        WindowLoader(windows, micro_batches=4).load_state_dict(state)
 
 
 def test_loader_state_counts_batches_trained_on_not_those_workers_prefetched(even_shards):

@@ -10,12 +10,13 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF_DIR, ROOT
+from gpt2lab.checkpoint import load_checkpoint, load_model, resolve_checkpoint
+from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.model import GPT, GPTConfig, KVCache, init_weights
-from gpt2lab.sample import encode_prompt, generate, load_checkpoint, load_model, resolve_checkpoint, sample
+from gpt2lab.sample import encode_prompt, generate, sample
 from gpt2lab.train import train
 
 SMALL_VOCAB = dict(block_size=32, vocab_size=101, n_layer=2, n_head=4, n_embd=64)
@@ -142,20 +143,29 @@ def test_samples_start_with_the_prompt_and_are_reproducible():
 
 
 def test_missing_checkpoint_and_wrong_files_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"ckpt=.*nowhere: no checkpoint there"):
+    with pytest.raises(CheckpointError, match=r"ckpt=.*nowhere: no checkpoint there"):
         resolve_checkpoint(tmp_path / "nowhere", tmp_path)
-    with pytest.raises(FileNotFoundError, match="ckpt=last: no run under .* has checkpoints/last.ckpt"):
+    with pytest.raises(CheckpointError, match="ckpt=last: no run under .* has checkpoints/last.ckpt"):
         resolve_checkpoint("last", tmp_path)
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.ckpt is not a training checkpoint: torch.load failed"):
+    with pytest.raises(CheckpointError, match="notes.ckpt is not a training checkpoint: torch.load failed"):
         load_checkpoint(text)
     weights = tmp_path / "weights.pt"
     torch.save(GPT(GPTConfig(**SMALL_VOCAB)).state_dict(), weights)
-    with pytest.raises(ValueError, match="weights.pt is not a gpt2lab training checkpoint: it lacks hyper_parameters"):
+    with pytest.raises(CheckpointError, match="weights.pt is not a gpt2lab training checkpoint: it lacks hyper_param"):
         load_checkpoint(weights)
-    with pytest.raises(ValueError, match="pass exactly one of ckpt=.* or hf="):
-        load_model(OmegaConf.create({"ckpt": None, "hf": None}))
+    for ckpt, hf in [(None, None), ("last", "gpt2")]:
+        with pytest.raises(ConfigError, match="pass exactly one of ckpt=.* or hf="):
+            load_model(ckpt, hf, tmp_path)
+
+
+def test_sample_script_reports_a_missing_checkpoint_in_one_line(tmp_path):
+    cmd = [sys.executable, "scripts/sample.py", f"ckpt={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'log'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and not done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: ckpt={tmp_path / 'nowhere'}: no checkpoint there")
 
 
 def test_sample_config_composes_with_its_documented_defaults():

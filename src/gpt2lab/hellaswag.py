@@ -2,26 +2,55 @@
 it finds most likely. Scored as build-nanogpt / llm.c do for a base model: each ending's cross-entropy
 given the context, averaged over the ending's tokens (acc_norm) or summed (acc)."""
 
+import http.client
 import json
 import logging
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-import lightning as L
 import tiktoken
 import torch
-from hydra.utils import instantiate
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from gpt2lab import tokenizer
+from gpt2lab.errors import DataError
 from gpt2lab.model import GPT
-from gpt2lab.sample import load_model
 
 log = logging.getLogger(__name__)
 
 VAL_EXAMPLES = 10_042  # in the official hellaswag_val.jsonl
+T = TypeVar("T")
+
+
+def download(url: str, path: Path) -> None:
+    """url's bytes to path, or a DataError that says how to put the file there by hand. The bytes go to a
+    .part file renamed into place when complete, so a failed or killed download never looks like the data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading HellaSwag %s -> %s", url, path)
+    partial = path.with_suffix(path.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            # http.client returns a cut connection's bytes as if they were all: compare with what it announced
+            if total is not None and out.tell() != total:
+                raise http.client.IncompleteRead(b"", total - out.tell())
+        partial.rename(path)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+        raise DataError(
+            f"could not download HellaSwag from {url} ({type(e).__name__}: {e}): on a machine without network, "
+            f"put hellaswag_val.jsonl at {path} or set GPT2LAB_HELLASWAG=/path/to/hellaswag_val.jsonl "
+            "(see conf/callbacks/hellaswag.yaml and conf/eval_hellaswag.yaml)"
+        ) from e
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_examples(url: str, path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -29,33 +58,36 @@ def load_examples(url: str, path: str | os.PathLike, limit: int | None = None) -
     Each line: {"ctx": str, "endings": [4 × str], "label": int, ...} (the official format)."""
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("downloading HellaSwag %s -> %s", url, path)
-        partial = path.with_suffix(path.suffix + ".part")  # a killed download never looks complete
-        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        partial.rename(path)
+        download(url, path)
     examples = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            example = json.loads(line)
-            if not (isinstance(example.get("ctx"), str) and len(example.get("endings", ())) == 4
-                    and example.get("label") in (0, 1, 2, 3)):  # fmt: skip
-                raise ValueError(
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError:
+                example = None
+            if not (isinstance(example, dict) and isinstance(example.get("ctx"), str)
+                    and len(example.get("endings", ())) == 4 and example.get("label") in (0, 1, 2, 3)):  # fmt: skip
+                found = f"found keys {sorted(example)}" if isinstance(example, dict) else "found no JSON object"
+                raise DataError(
                     f"{path}:{line_no} is not a HellaSwag example: it needs ctx (text), endings (4 texts) and "
-                    f"label (0-3), found keys {sorted(example)}; point hellaswag.path at the official "
+                    f"label (0-3), {found}; point GPT2LAB_HELLASWAG (or load_examples.path) at the official "
                     "hellaswag_val.jsonl, or delete the file to download it again"
                 )
             examples.append(example)
             if limit is not None and len(examples) == limit:
                 break
     return examples
+
+
+def rank_zero_first(load: Callable[[], T], is_global_zero: bool, barrier: Callable[[], None]) -> T:
+    """load() on every rank, on rank 0 first: what it downloads is downloaded once, and the other ranks
+    read the finished file (the training callback and scripts/eval_hellaswag.py both load this way)."""
+    result = load() if is_global_zero else None
+    barrier()
+    return result if is_global_zero else load()
 
 
 def render(example: dict, enc: tiktoken.Encoding, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +142,7 @@ def evaluate(
     """This rank's share of the examples (every world_size-th, from the rank-th) scored on the model's
     device; returns the counts [examples, correct by average loss, correct by summed loss], to be summed
     over ranks. The caller sets eval mode and autocast."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tokenizer.encoding()
     device = next(model.parameters()).device
     shard = examples[rank::world_size]
     counts = torch.zeros(3, dtype=torch.long, device=device)
@@ -131,26 +163,3 @@ def evaluate(
 def accuracies(counts: torch.Tensor) -> dict[str, float]:
     n, correct_norm, correct = counts.tolist()
     return {"acc_norm": correct_norm / n, "acc": correct / n, "examples": n}
-
-
-def evaluate_from_config(cfg) -> dict[str, float]:
-    """scripts/eval_hellaswag.py: the model that cfg.ckpt or cfg.hf names, scored on cfg.accelerator's
-    devices (one process each, Lightning Fabric) at its precision."""
-    fabric = L.Fabric(
-        accelerator=cfg.accelerator.name, devices=cfg.accelerator.devices, precision=cfg.accelerator.precision
-    )
-    fabric.launch()
-    if cfg.accelerator.matmul_precision:
-        torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
-    load = instantiate(cfg.hellaswag.load_examples)
-    if fabric.is_global_zero:
-        load()  # downloads once, on one rank
-    fabric.barrier()
-    examples = load()
-    model = load_model(cfg).to(fabric.device).eval()
-    with fabric.autocast():
-        counts = evaluate(
-            model, examples, fabric.global_rank, fabric.world_size, cfg.hellaswag.batch_size,
-            progress=fabric.is_global_zero,
-        )  # fmt: skip
-    return accuracies(fabric.all_reduce(counts, reduce_op="sum"))

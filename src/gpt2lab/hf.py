@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2lab import tokenizer
+from gpt2lab.errors import CheckpointError
 from gpt2lab.model import GPT, GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -37,7 +39,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:
-        raise ImportError('Hugging Face import/export needs transformers: pip install -e ".[hf]"') from e
+        raise CheckpointError('Hugging Face import/export needs transformers: pip install -e ".[hf]"') from e
     return transformers
 
 
@@ -47,25 +49,25 @@ def check_gpt2_source(name_or_dir: str | os.PathLike) -> None:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} is not a GPT-2 checkpoint: it has no config.json (expected a directory written by "
                 "GPT2LMHeadModel.save_pretrained or scripts/export_hf.py)"
             )
         model_type = json.loads(config_file.read_text()).get("model_type")
         if model_type != "gpt2":
-            raise ValueError(
+            raise CheckpointError(
                 f"{config_file} has model_type={model_type!r}, expected 'gpt2': only GPT-2 checkpoints load "
                 "into this model"
             )
         if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")) and not any(
             path.glob("*.index.json")
         ):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} is not a GPT-2 checkpoint: it has a config.json but no weights "
                 "(model.safetensors or pytorch_model.bin)"
             )
     elif str(name_or_dir).removeprefix("openai-community/") not in HUB_MODELS:
-        raise ValueError(
+        raise CheckpointError(
             f"unknown model {str(name_or_dir)!r}: not a directory, nor one of the hub's GPT-2 names "
             f"{', '.join(HUB_MODELS)}; pass one of those or a directory written by save_pretrained"
         )
@@ -84,7 +86,7 @@ def config_from_hf(hf_config, source: str) -> GPTConfig:
     }
     for field, allowed in ours.items():
         if getattr(hf_config, field, allowed[0]) not in allowed:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source} is a GPT-2 variant with {field}={getattr(hf_config, field)!r}; this model implements "
                 f"{field}={allowed[0]!r} (GPT-2's own) only"
             )
@@ -111,13 +113,13 @@ def load_weights(model: GPT, state_dict: dict[str, torch.Tensor], source: str) -
     """Copy state_dict into model, or fail naming the tensors that are missing, extra or of another shape."""
     mismatches = shape_mismatches(model, state_dict)
     if mismatches:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} holds a model of another size: {'; '.join(mismatches[:3])}"
             f"{f' (and {len(mismatches) - 3} more)' if len(mismatches) > 3 else ''}"
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{source} is not a GPT-2 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{source} is not a GPT-2 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_pretrained(name_or_dir: str | os.PathLike) -> GPT:
@@ -128,7 +130,7 @@ def load_pretrained(name_or_dir: str | os.PathLike) -> GPT:
     try:
         hf = transformers.GPT2LMHeadModel.from_pretrained(str(name_or_dir))
     except OSError as e:  # hub unreachable, or a file transformers cannot read
-        raise OSError(
+        raise CheckpointError(
             f"could not load GPT-2 {str(name_or_dir)!r} ({e}); offline, pass a local save_pretrained directory"
         ) from e
     model = GPT(config_from_hf(hf.config, str(name_or_dir)))
@@ -148,7 +150,7 @@ def init_from_pretrained(model: GPT, name: str) -> None:
         hub_size = HUB_MODELS.get(str(name).removeprefix("openai-community/"))
         hint = f"model={hub_size}" if hub_size else "the model=... it was trained with"
         shapes = "; ".join(shape_mismatches(model, pretrained.state_dict())[:2])
-        raise ValueError(
+        raise CheckpointError(
             f"init.name={name!r} holds a model of another size than this run builds: {', '.join(differ)}; "
             f"shapes {shapes}. Use {hint}"
         )
@@ -168,7 +170,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     vocabulary rows (model.pad_vocab) trimmed back to the tokenizer's vocab_size."""
     transformers = _transformers()
     c = model.config
-    eot = 50256 if c.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when the vocabulary is GPT-2's
+    eot = tokenizer.EOT_ID if c.vocab_size > tokenizer.EOT_ID else None  # when the vocabulary is GPT-2's
     hf_config = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout

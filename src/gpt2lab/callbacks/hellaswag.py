@@ -16,19 +16,10 @@ class HellaSwagEval(L.Callback):
         self.load_examples, self.every_n_steps, self.batch_size = load_examples, every_n_steps, batch_size
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero:
-            self.load_examples()  # downloads once, on one rank
-        trainer.strategy.barrier()
-        self.examples = self.load_examples()
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.last_step = trainer.global_step  # 0, or the step a resumed run starts from
+        self.examples = hellaswag.rank_zero_first(self.load_examples, trainer.is_global_zero, trainer.strategy.barrier)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimizer steps done
-        if step == self.last_step:
-            return  # accumulating gradients: not an optimizer step
-        self.last_step = step
+        step = outputs["report"].step  # one batch is one optimizer step
         if step % self.every_n_steps and step != trainer.max_steps:
             return
         pl_module.eval()
@@ -39,5 +30,4 @@ class HellaSwagEval(L.Callback):
             )  # fmt: skip
         pl_module.train()
         scores = hellaswag.accuracies(trainer.strategy.reduce(counts, reduce_op="sum"))
-        pl_module.log("hellaswag/acc_norm", scores["acc_norm"], prog_bar=True, rank_zero_only=True)
-        pl_module.log("hellaswag/acc", scores["acc"], rank_zero_only=True)
+        pl_module.log_sparse({f"hellaswag/{k}": scores[k] for k in ("acc_norm", "acc")}, prog_bar=("hellaswag/acc_norm",))

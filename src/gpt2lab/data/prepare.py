@@ -14,18 +14,18 @@ import os
 import shutil
 import sys
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
+from gpt2lab import tokenizer
 from gpt2lab.data.shards import open_shard, write_shard
+from gpt2lab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER = "gpt2"
 MANIFEST = "manifest.json"
 TRAIN_TOKEN_COUNTS = "train_token_counts.npy"
 
@@ -44,22 +44,23 @@ class TinyShakespeare:
         path = data_dir / "input.txt"
         if not path.exists():
             tmp = path.with_name(path.name + ".tmp")
-            if self.local_copy:
-                log.info("copying Tiny Shakespeare from %s", self.local_copy)
-                shutil.copyfile(self.local_copy, tmp)
-            else:
-                log.info("downloading Tiny Shakespeare from %s", self.url)
-                try:
+            try:
+                if self.local_copy:
+                    log.info("copying Tiny Shakespeare from %s", self.local_copy)
+                    shutil.copyfile(self.local_copy, tmp)
+                else:
+                    log.info("downloading Tiny Shakespeare from %s", self.url)
                     urllib.request.urlretrieve(self.url, tmp)
-                except OSError as e:
-                    raise RuntimeError(
-                        f"could not download {self.url} ({e}): on an offline machine put a copy at {path} "
-                        "or set GPT2LAB_TINYSHAKESPEARE=/path/to/input.txt"
-                    ) from e
+            except (OSError, ValueError) as e:  # URLError is an OSError; a malformed url a ValueError
+                tmp.unlink(missing_ok=True)
+                raise DataError(
+                    f"could not {'copy' if self.local_copy else 'download'} {self.local_copy or self.url} ({e}): "
+                    f"on an offline machine put a copy at {path} or set GPT2LAB_TINYSHAKESPEARE=/path/to/input.txt"
+                ) from e
             digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
             if digest != self.sha256:
                 tmp.unlink()
-                raise RuntimeError(
+                raise DataError(
                     f"Tiny Shakespeare from {self.local_copy or self.url} has sha256 {digest}, expected "
                     f"{self.sha256}: not the right file"
                 )
@@ -67,25 +68,35 @@ class TinyShakespeare:
         yield path.read_text(encoding="utf-8")  # one document
 
 
+def plain(value):
+    """value with every Mapping made a dict and every Sequence but a string a list: a config's containers
+    (OmegaConf's ListConfig and DictConfig are such) become JSON-serializable data for the manifest."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain(v) for v in value]
+    return value
+
 
 class TextFiles:
     """Local text: `path` is a .txt file, a directory (its .txt files, recursively, in sorted order) or a
     list of them; each file is one document."""
 
-    def __init__(self, path: str | list[str] | None):
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike] | None):
         fix = "set data.source.path=<a .txt file or a directory of them>"
         if not path:
-            raise ValueError(f"data.source.path is not set: {fix}")
+            raise DataError(f"data.source.path is not set: {fix}")
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         self.files: list[Path] = []
-        for p in map(Path, [path] if isinstance(path, str) else path):
+        for p in map(Path, paths):
             if p.is_dir():
                 self.files += sorted(p.rglob("*.txt"))
             elif p.is_file():
                 self.files.append(p)
             else:
-                raise FileNotFoundError(f"data.source.path: {p} does not exist; {fix}")
+                raise DataError(f"data.source.path: {p} does not exist; {fix}")
         if not self.files:
-            raise ValueError(f"data.source.path={path} holds no .txt files; {fix}")
+            raise DataError(f"data.source.path={paths} holds no .txt files; {fix}")
 
     def describe(self) -> dict:
         # names, sizes and modification times: an edited file makes the shards out of date
@@ -98,7 +109,7 @@ class TextFiles:
             try:
                 yield f.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(
+                raise DataError(
                     f"{f} is not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 4]!r}): convert it, "
                     "e.g. `iconv -f latin1 -t utf-8`, or leave it out of data.source.path"
                 ) from e
@@ -111,7 +122,8 @@ class HFDataset:
     def __init__(
         self, path: str, name: str | None = None, split: str = "train", text_field: str = "text", data_files=None
     ):
-        self.path, self.name, self.split, self.text_field, self.data_files = path, name, split, text_field, data_files
+        self.path, self.name, self.split, self.text_field = path, name, split, text_field
+        self.data_files = plain(data_files)  # a list or dict from the command line arrives as a config container
 
     def describe(self) -> dict:
         return {"name": "hf", "path": self.path, "config": self.name, "split": self.split, "data_files": self.data_files}
@@ -120,7 +132,7 @@ class HFDataset:
         try:
             import datasets
         except ImportError as e:
-            raise RuntimeError(
+            raise DataError(
                 f"data set {self.path} is read with Hugging Face `datasets`: pip install -e \".[data]\""
             ) from e
         try:
@@ -128,35 +140,29 @@ class HFDataset:
                 self.path, name=self.name, split=self.split, data_files=self.data_files, streaming=True
             )
         except ConnectionError as e:
-            raise ConnectionError(
+            raise DataError(
                 f"could not reach {self.path} on the Hugging Face Hub ({e}): prepare the shards on a machine "
                 f"with network access (python scripts/prepare_data.py) and copy the data dir {data_dir} here"
             ) from e
+        except FileNotFoundError as e:  # also `datasets`' DatasetNotFoundError
+            raise DataError(
+                f"data set {self.path} (data_files={self.data_files}): {e}; check data.source.path and "
+                "data.source.data_files"
+            ) from e
         for row in stream:
             if self.text_field not in row:
-                raise KeyError(
+                raise DataError(
                     f"{self.path} rows have no field {self.text_field!r} (they have {sorted(row)}): "
                     "set data.source.text_field"
                 )
             yield row[self.text_field]
 
 
-def gpt2_encoding() -> tiktoken.Encoding:
-    try:
-        return tiktoken.get_encoding(TOKENIZER)
-    except Exception as e:  # tiktoken downloads its BPE files on first use
-        raise RuntimeError(
-            f"could not load the GPT-2 BPE files ({type(e).__name__}): tiktoken downloads them once; on an "
-            "offline machine point TIKTOKEN_CACHE_DIR at a directory that holds them"
-        ) from e
-
-
 def encode_document(text: str) -> np.ndarray:
     """<|endoftext|> (the document delimiter), then the document's GPT-2 BPE ids, as uint16."""
-    enc = gpt2_encoding()  # cached by tiktoken: loaded once per process
-    ids = enc.encode_ordinary(text)
+    ids = tokenizer.encoding().encode_ordinary(text)  # cached by tiktoken: loaded once per process
     tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-    tokens[0] = enc.eot_token
+    tokens[0] = tokenizer.EOT_ID
     tokens[1:] = ids
     return tokens
 
@@ -166,7 +172,7 @@ def encode_documents(documents: Iterable[str], num_proc: int) -> Iterator[np.nda
     if num_proc == 1:
         yield from map(encode_document, documents)
         return
-    gpt2_encoding()  # loaded before the fork, so the workers inherit it instead of each loading it
+    tokenizer.encoding()  # loaded before the fork, so the workers inherit it instead of each loading it
     with multiprocessing.Pool(num_proc) as pool:
         # chunks of documents amortize the inter-process traffic; imap keeps the order and streams
         yield from pool.imap(encode_document, documents, chunksize=16)
@@ -250,12 +256,12 @@ def prepare(
     its first `val_shards` shards (FineWeb-Edu's recipe: a stream of unknown length).
     """
     if (val_fraction is None) == (val_shards is None):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={val_fraction} and data.val_shards={val_shards}: set exactly one of them "
             "(e.g. data.val_fraction=0.1, or data.val_shards=1 for a streamed source)"
         )
     data_dir = Path(data_dir)
-    settings = {"source": source.describe(), "tokenizer": TOKENIZER, "val_fraction": val_fraction}
+    settings = {"source": source.describe(), "tokenizer": tokenizer.NAME, "val_fraction": val_fraction}
     if val_shards is not None:  # only when set, so manifests written before it existed stay valid
         settings["val_shards"] = val_shards
     settings["shard_size"] = shard_size
@@ -265,15 +271,15 @@ def prepare(
         if done["settings"] == settings:
             return data_dir
         changed = {k: (done["settings"].get(k), v) for k, v in settings.items() if done["settings"].get(k) != v}
-        raise RuntimeError(
+        raise DataError(
             f"{data_dir} was prepared with other settings ({', '.join(f'{k}: {a} → now {b}' for k, (a, b) in changed.items())}): "
             "add data.rebuild=true to delete its shards and prepare them again, or point data.data_dir elsewhere"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
     remove_shards(data_dir)  # leftovers of an interrupted prepare, or the shards being rebuilt
-    num_proc = num_proc or len(os.sched_getaffinity(0))
-    n_vocab = gpt2_encoding().n_vocab
-    writer = ShardWriter(data_dir, shard_size, val_shards or 0, n_vocab)
+    if not num_proc:  # the CPUs this process may use (taskset, a container's cpuset); macOS has no affinity call
+        num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    writer = ShardWriter(data_dir, shard_size, val_shards or 0, tokenizer.VOCAB_SIZE)
     name = settings["source"]["name"]
     with tqdm(desc=f"tokenizing {name} ({num_proc} processes)", unit="tok", unit_scale=True) as progress:
         for tokens in encode_documents(source.documents(data_dir), num_proc):
@@ -283,7 +289,7 @@ def prepare(
     if val_fraction is not None:
         writer.move_tail_to_val(int(writer.tokens["train"] * val_fraction))
     if not writer.written["train"]:
-        raise ValueError(
+        raise DataError(
             f"{source.describe()} gave {writer.tokens['val']} tokens, all of them val: lower data.shard_size "
             f"({shard_size}) or data.val_shards ({val_shards}), or use data.val_fraction"
         )
