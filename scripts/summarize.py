@@ -9,6 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from gpt2lab.errors import exit_on_user_error
 from gpt2lab.sweep import SUMMARY_FILES, summarize, unused_token_report
 
 
@@ -19,10 +20,11 @@ def main() -> None:
     parser.add_argument("--up-to-step", type=int, help="with --unused-tokens: the last step to count")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.unused_tokens:
-        print(unused_token_report(args.dir, args.up_to_step))
-        return
-    summarize(args.dir)
+    with exit_on_user_error():
+        if args.unused_tokens:
+            print(unused_token_report(args.dir, args.up_to_step))
+            return
+        summarize(args.dir)
     print((args.dir / SUMMARY_FILES[1]).read_text(), end="")
 
 

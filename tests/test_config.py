@@ -94,7 +94,7 @@ def test_unknown_key_is_refused(compose_train):
         (["trainer.max_steps=abc"], "trainer.max_steps='abc': expected an integer"),
         (["data.batch_size=1.5"], "data.batch_size=1.5: expected an integer"),
         (["optim.lr=fast"], "optim.lr='fast': expected a number"),
-        (["accelerator.attention=flash"], "accelerator.attention='flash': must be sdpa"),
+        (["accelerator.attention=flash"], "accelerator.attention='flash': must be one of sdpa, eager"),
     ],
 )
 def test_inconsistent_config_fails_before_training_starts(compose_train, overrides, message, tmp_path):

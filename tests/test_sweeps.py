@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import OmegaConf
 
+from gpt2lab.errors import DataError
 from gpt2lab.sweep import read_events, scalar_series, summarize, unused_token_report
 
 # every run: model=tiny, 2 optimizer steps of 4 × 32 tokens, validation (one batch) after each
@@ -109,7 +110,7 @@ def test_summarize_script_rewrites_the_summary_and_names_a_dir_without_runs(swee
     assert (sweep_dir / "summary.csv").read_text() == before
     assert "| init=gpt2,optim.lr=0.0003 |" in capsys.readouterr().out
 
-    with pytest.raises(FileNotFoundError, match=rf"no Hydra runs \(\*/.hydra/overrides.yaml\) under {tmp_path}"):
+    with pytest.raises(DataError, match=rf"no Hydra runs \(\*/.hydra/overrides.yaml\) under {tmp_path}"):
         summarize(tmp_path)
 
 

@@ -13,7 +13,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.fastpath import cpu_default_attention, cpu_default_precision
-from gpt2lab.model import ATTENTION
+from gpt2lab.model import check_attention
 from gpt2lab.sweep import sweep_run_name
 
 
@@ -110,11 +110,10 @@ def check_config(cfg: DictConfig) -> None:
             f"data.seq_len={cfg.data.seq_len} is longer than model.block_size={cfg.model.block_size}: "
             f"set data.seq_len<={cfg.model.block_size} or pick a model with a longer context"
         )
-    if cfg.accelerator.attention not in ATTENTION:
-        raise ConfigError(
-            f"accelerator.attention={cfg.accelerator.attention!r}: must be sdpa (F.scaled_dot_product_attention, "
-            "flash where the backend has it) or eager (softmax(q·kᵀ)·v in plain ops)"
-        )
+    try:
+        check_attention(cfg.accelerator.attention)
+    except ValueError as e:
+        raise ConfigError(f"accelerator.{e}") from None
     if cfg.train.val_every_n_steps < 1:
         raise ConfigError(f"train.val_every_n_steps={cfg.train.val_every_n_steps}: must be >= 1 (it also validates at the last step)")
     if cfg.trainer.max_steps < 1:

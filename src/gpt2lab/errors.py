@@ -26,9 +26,14 @@ def exit_on_user_error() -> Iterator[None]:
     """For scripts' main(): a UserError ends the process with its message on one line and exit status 1."""
     try:
         yield
-    except UserError as e:
-        kind = "config error" if isinstance(e, ConfigError) else "error"
-        raise SystemExit(f"{kind}: {e}") from None
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__  # Hydra's instantiate wraps what a constructor raises
+        if cause is None:
+            raise  # a bug: its traceback
+        kind = "config error" if isinstance(cause, ConfigError) else "error"
+        raise SystemExit(f"{kind}: {cause}") from None
 
 
 class RunStopped(SystemExit):

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -37,6 +38,28 @@ def unused_token_metrics(
         loss_sum = loss_sum + F.cross_entropy(seen_rows, ys.masked_fill(ignore, -100), reduction="sum")
         seen_targets += int((~ignore).sum())
     return mass / len(targets), loss_sum / max(seen_targets, 1)
+
+
+def unseen_token_mask(train_token_counts: np.ndarray, padded_vocab_size: int) -> torch.Tensor:
+    """True for each logit column whose token the training split never holds (padded rows included)."""
+    unseen = torch.ones(padded_vocab_size, dtype=torch.bool)
+    unseen[: len(train_token_counts)] = torch.from_numpy(train_token_counts == 0)
+    return unseen
+
+
+@torch.no_grad()
+def validation_metrics(model: GPT, batches, unseen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Means over `batches` of (x, y) of val/loss and, given the `unseen` mask, val/unused_token_mass and
+    val/loss_seen_vocab (val/loss − val/loss_seen_vocab: the part of the loss still owed to never-seen tokens)."""
+    device = next(model.parameters()).device
+    sums = torch.zeros(3 if unseen is not None else 1, device=device)
+    for n, (x, y) in enumerate(batches, 1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, loss = model(x, y)
+        sums[0] += loss.float()
+        if unseen is not None:
+            sums[1:] += torch.stack(unused_token_metrics(logits, y, unseen))
+    return dict(zip(("val/loss", "val/unused_token_mass", "val/loss_seen_vocab"), sums / n))
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> float:
@@ -98,9 +121,7 @@ class GPTModule(L.LightningModule):
         # prepare counted them); padded vocabulary rows are never shown either
         counts = getattr(self.trainer.datamodule, "train_token_counts", lambda: None)()
         if counts is not None:
-            unseen = torch.ones(self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
-            unseen[: len(counts)] = torch.from_numpy(counts == 0)
-            self.unseen_tokens = unseen
+            self.unseen_tokens = unseen_token_mask(counts, self.model.config.padded_vocab_size).to(self.device)
 
     def configure_model(self) -> None:
         if self.compile_model:
@@ -161,28 +182,15 @@ class GPTModule(L.LightningModule):
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             self.trainer.strategy.model.require_backward_grad_sync = enabled  # as its no_sync() does
 
-    @torch.no_grad()
     def validate(self) -> float:
-        """val/loss (and the unused-token metrics): the mean over the same first val batches every time, and
-        over ranks (each rank holds its own slice of each batch)."""
+        """val/loss (and the unused-token metrics) of the current weights, logged at this step: the mean over
+        the same first val batches every time, and over ranks (each holds its own slice of each batch)."""
         self.model.eval()
-        sums = torch.zeros(3, device=self.device)  # loss, unused-token mass, loss over seen tokens
-        batches = 0
-        for x, y in self.trainer.datamodule.val_loader():
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            logits, loss = self.model(x, y)
-            sums[0] += loss.float()
-            if self.unseen_tokens is not None:
-                sums[1:] += torch.stack(unused_token_metrics(logits, y, self.unseen_tokens))
-            batches += 1
+        metrics = validation_metrics(self.model, self.trainer.datamodule.val_loader(), self.unseen_tokens)
         self.model.train()
-        loss, mass, loss_seen = (self.trainer.strategy.reduce(sums / batches, reduce_op="mean")).tolist()
-        metrics = {"val/loss": loss}
-        if self.unseen_tokens is not None:
-            # val/loss − val/loss_seen_vocab: the part of the loss still owed to never-seen tokens
-            metrics |= {"val/unused_token_mass": mass, "val/loss_seen_vocab": loss_seen}
-        self.log_sparse(metrics, prog_bar=("val/loss",))
-        return loss
+        values = self.trainer.strategy.reduce(torch.stack(list(metrics.values())), reduce_op="mean").tolist()
+        self.log_sparse(dict(zip(metrics, values)), prog_bar=("val/loss",))
+        return values[0]
 
     def log_sparse(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
         """Scalars measured at some steps only (validation, HellaSwag): to the loggers at this step alone

@@ -2,7 +2,8 @@
 and the weight init.
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, ...) so that weights map
-one to one; their Conv1D layers store (in, out) where our nn.Linear stores (out, in).
+one to one (gpt2lab.hf.load_pretrained reads them); their Conv1D layers store (in, out) where our nn.Linear
+stores (out, in).
 """
 
 import math
@@ -13,6 +14,14 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ATTENTION = ("sdpa", "eager")  # how attention is computed; the same result either way
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTION:
+        raise ValueError(
+            f"attention={attention!r}: must be one of {', '.join(ATTENTION)} (sdpa: F.scaled_dot_product_attention, "
+            "flash where the backend has it; eager: softmax(q·kᵀ)·v in plain ops)"
+        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,8 +144,7 @@ class GPT(nn.Module):
         or "eager" (softmax(q·kᵀ/√hs)·v in plain ops). How to compute, not what: it is not part of the
         config, so checkpoints and exports do not carry it."""
         super().__init__()
-        if attention not in ATTENTION:
-            raise ValueError(f"attention={attention!r}: must be one of {', '.join(ATTENTION)}")
+        check_attention(attention)
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -176,14 +184,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "GPT":
-        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local
-        `save_pretrained` directory; see gpt2lab.hf (it needs `transformers`, the only place that does)."""
-        from gpt2lab.hf import load_pretrained
-
-        return load_pretrained(name_or_dir)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied embedding too); non_embedding drops the position

@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gpt2lab.errors import DataError
+
 log = logging.getLogger(__name__)
 
 VAL_LOSS = "val/loss"
@@ -120,7 +122,7 @@ def summarize(sweep_dir: str | Path) -> list[RunSummary]:
     sweep_dir = Path(sweep_dir)
     runs = run_dirs(sweep_dir)
     if not runs:
-        raise FileNotFoundError(
+        raise DataError(
             f"no Hydra runs (*/.hydra/overrides.yaml) under {sweep_dir}: pass the sweep dir of a multirun, "
             "e.g. outputs/multiruns/<date>_<time>"
         )
@@ -197,7 +199,7 @@ def unused_token_report(run_dir: str | Path, up_to_step: int | None = None) -> s
     steps = sorted(set.intersection(*(set(s) for s in series.values())))
     steps = [s for s in steps if up_to_step is None or s <= up_to_step]
     if len(steps) < 2:
-        raise ValueError(
+        raise DataError(
             f"{run_dir} has fewer than two validations logging {', '.join(UNUSED_TOKEN_TAGS)}: run "
             "`python scripts/train.py experiment=unused_tokens` (its data dir must hold train_token_counts.npy)"
         )
