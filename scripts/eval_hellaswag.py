@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
         fabric.launch()  # from here on, this runs in every device's process
         if acc.matmul_precision:
             torch.set_float32_matmul_precision(acc.matmul_precision)
-        model = load_model(cfg.ckpt, cfg.hf, cfg.runs_dir).to(fabric.device).eval()
+        model = load_model(cfg.ckpt, cfg.hf, cfg.paths.runs_dir).to(fabric.device).eval()
         load = instantiate(cfg.hellaswag.load_examples)
         examples = hellaswag.rank_zero_first(load, fabric.is_global_zero, fabric.barrier)
         with fabric.autocast():

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export_hf")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        path = resolve_checkpoint(cfg.ckpt, cfg.runs_dir)
+        path = resolve_checkpoint(cfg.ckpt, cfg.paths.runs_dir)
         out = export_hf(load_checkpoint(path), cfg.out)
     log.info("exported %s to %s", path, out.resolve())
 

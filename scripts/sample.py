@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        model = load_model(cfg.ckpt, cfg.hf, cfg.runs_dir).to(cfg.device).eval()
+        model = load_model(cfg.ckpt, cfg.hf, cfg.paths.runs_dir).to(cfg.device).eval()
         log.info("%s parameters on %s", f"{model.num_params():,}", cfg.device)
         texts = sample(
             model, cfg.prompt, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
