@@ -53,7 +53,9 @@ def bench_tokenization(text: str, repeat: int) -> None:
             times[num_proc].append(time.perf_counter() - start)
     for num_proc, t in times.items():
         best = min(t)
-        print(f"tokenize {num_proc} process(es): {megabytes / best:6.2f} MB/s  ({n_tokens / best / 1e6:.2f} M tokens/s, best of {repeat})")
+        print(
+            f"tokenize {num_proc} process(es): {megabytes / best:6.2f} MB/s  ({n_tokens / best / 1e6:.2f} M tokens/s, best of {repeat})"
+        )
     print(f"  2 processes / 1: {min(times[1]) / min(times[2]):.2f}×  (os.cpu_count()={os.cpu_count()})")
 
 

@@ -1,11 +1,11 @@
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, CPU_PRECISION
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, CPU_PRECISION
 from gpt2lab.model import GPTConfig
 from gpt2lab.train import train
 
@@ -14,7 +14,9 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.ya
 
 
 def test_every_group_has_options():
-    assert {"model", "init", "accelerator", "data", "optim", "scheduler", "trainer", "logger", "callbacks"} <= set(GROUPS)
+    assert {"model", "init", "accelerator", "data", "optim", "scheduler", "trainer", "logger", "callbacks"} <= set(
+        GROUPS
+    )
     assert {o for g, o in OPTIONS if g == "model"} == {"tiny", "small", "medium", "large", "xl"}
     assert {o for g, o in OPTIONS if g == "accelerator"} == {"auto", "cpu", "cuda", "mps"}
 
@@ -29,8 +31,11 @@ COMPOSED_WITH = {("trainer", "slurm"): ["hydra/launcher=slurm"]}
 def test_every_option_of_every_group_composes_and_resolves(compose_train, hydra_runtime, group, option):
     cfg = compose_train(f"{group}={option}", *COMPOSED_WITH.get((group, option), []), return_hydra_config=True)
     hydra_runtime.set_config(cfg)  # ${hydra:...} values resolve
-    resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                for k in cfg if k != "hydra"}  # fmt: skip  (every interpolation has a value)
+    resolved = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in cfg
+        if k != "hydra"
+    }  # fmt: skip  (every interpolation has a value)
     assert group in GLOBAL_GROUPS or resolved[group] is not None
     assert isinstance(instantiate(cfg.model), GPTConfig)
     assert callable(instantiate(cfg.init)) and callable(instantiate(cfg.optim)) and callable(instantiate(cfg.scheduler))

@@ -4,14 +4,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from test_prepare import TINYSHAKESPEARE_SHA256
 
-from conftest import CONF_DIR
 from gpt2lab.data import GPTDataModule, ShardError, TinyShakespeare, TokenWindows, WindowLoader, prepare
 from gpt2lab.data.shards import HEADER_BYTES, MAGIC, open_shard, write_shard
 from gpt2lab.errors import DataError
-from test_prepare import TINYSHAKESPEARE_SHA256
 
 
 def datamodule(data_dir, **overrides) -> GPTDataModule:
@@ -19,7 +19,8 @@ def datamodule(data_dir, **overrides) -> GPTDataModule:
     settings = {"data_dir": data_dir, "batch_size": 4, "seq_len": 32, **overrides}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
-            "train", overrides=["data=shards", "paths.output_dir=unused", *(f"data.{k}={v}" for k, v in settings.items())]
+            "train",
+            overrides=["data=shards", "paths.output_dir=unused", *(f"data.{k}={v}" for k, v in settings.items())],
         )
     return instantiate(cfg.data)
 
@@ -149,7 +150,16 @@ def test_tinyshakespeare_is_prepared_into_train_and_val_shards(tinyshakespeare):
     assert len(train) + len(val) == 338_025 + 1  # the published token count, plus the <|endoftext|> prefix
     assert manifest["tokens"] == {"train": len(train), "val": len(val)}
     assert len(val) == int(0.1 * (len(train) + len(val)))
-    assert train[0] == 50256 and list(train[1:9]) == [5962, 22307, 25, 198, 8421, 356, 5120, 597]  # "First Citizen:\nBefore we proceed any"
+    assert train[0] == 50256 and list(train[1:9]) == [
+        5962,
+        22307,
+        25,
+        198,
+        8421,
+        356,
+        5120,
+        597,
+    ]  # "First Citizen:\nBefore we proceed any"
     counts = np.load(tinyshakespeare / "train_token_counts.npy")
     assert counts.sum() == len(train) and (counts > 0).sum() == 11_265 + 1  # + <|endoftext|>
 
@@ -176,7 +186,12 @@ def test_datamodule_serves_shifted_batches_and_a_fixed_val_set(tinyshakespeare):
 
 
 @pytest.mark.parametrize(
-    "contents, problem", [(None, "does not exist"), ([], "is empty"), (["notes.txt"], "holds no train shards \\(looked for \\*train_\\*.bin and \\*_train.bin\\)")]
+    "contents, problem",
+    [
+        (None, "does not exist"),
+        ([], "is empty"),
+        (["notes.txt"], "holds no train shards \\(looked for \\*train_\\*.bin and \\*_train.bin\\)"),
+    ],
 )
 def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path, contents, problem):
     data_dir = tmp_path / "shards"
@@ -184,7 +199,9 @@ def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path, contents, problem)
         data_dir.mkdir()
         for name in contents:
             (data_dir / name).write_text("x")
-    with pytest.raises(ShardError, match=f"data dir {data_dir} {problem}: prepare it with `python scripts/prepare_data"):
+    with pytest.raises(
+        ShardError, match=f"data dir {data_dir} {problem}: prepare it with `python scripts/prepare_data"
+    ):
         datamodule(data_dir).setup("fit")
 
 

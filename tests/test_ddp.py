@@ -1,9 +1,8 @@
 """Data parallel on CPU: 2 processes (Lightning strategy=ddp, gloo) against one process with twice the
-batch, both accumulating gradients over 2 micro-batches a step. The runs are real `scripts/train.py` processes (Lightning's DDP launcher re-runs the script for
-rank 1), on the small corpus of test_resume."""
+batch, both accumulating gradients over 2 micro-batches a step. The runs are real `scripts/train.py` processes
+(Lightning's DDP launcher re-runs the script for rank 1), on the small corpus of test_resume."""
 
 import pytest
-
 from test_resume import B, T, batches_seen, corpus, train_losses, train_run  # noqa: F401  (corpus: a fixture)
 
 N, K = 6, 3

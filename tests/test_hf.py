@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT
 from gpt2lab import tokenizer
 from gpt2lab.checkpoint import load_checkpoint
 from gpt2lab.errors import CheckpointError
@@ -166,9 +166,16 @@ def test_init_pretrained_of_another_size_names_expected_and_found(compose_train,
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretrained_weights(compose_train, hf_tiny_dir):
     """A real run with init=pretrained: its first train/loss is the HF model's loss on the first batch."""
-    cfg = compose_train("model=tiny", "init=pretrained", f"init.name={hf_tiny_dir}", "trainer.max_steps=2",
-                        "data.seq_len=64", "train.val_every_n_steps=2", "~callbacks.text_samples",
-                        "accelerator.precision=32-true")  # fmt: skip  (as the fp32 reference below)
+    cfg = compose_train(
+        "model=tiny",
+        "init=pretrained",
+        f"init.name={hf_tiny_dir}",
+        "trainer.max_steps=2",
+        "data.seq_len=64",
+        "train.val_every_n_steps=2",
+        "~callbacks.text_samples",
+        "accelerator.precision=32-true",
+    )  # fmt: skip  (as the fp32 reference below)
     train(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

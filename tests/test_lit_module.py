@@ -12,7 +12,9 @@ from gpt2lab.lit_module import GPTModule
 def module(compose_train) -> GPTModule:
     cfg = compose_train("model=tiny", "accelerator=cpu", "trainer.max_steps=100")
     module = instantiate(cfg.module)
-    module.trainer = L.Trainer(max_steps=cfg.trainer.max_steps, accelerator="cpu", logger=False, enable_checkpointing=False)
+    module.trainer = L.Trainer(
+        max_steps=cfg.trainer.max_steps, accelerator="cpu", logger=False, enable_checkpointing=False
+    )
     return module
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import compose_train_in
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import compose_train_in
 from gpt2lab.train import RunStopped, train
 
 N = 6  # optimizer steps

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONF_DIR
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
 from gpt2lab import tokenizer
 from gpt2lab.data import HFDataset, TextFiles, TinyShakespeare, open_shard, prepare
 from gpt2lab.errors import DataError
@@ -87,8 +87,12 @@ def test_text_files_are_documents_and_val_fraction_splits_across_shards(tmp_path
     val, train = read_split(tmp_path / "out", "val"), read_split(tmp_path / "out", "train")
     n_val = int(len(stream) * 0.25)
     assert len(val) > 1 and len(train) > 1  # the cut falls inside a shard: both sides span several shards
-    assert np.array_equal(np.concatenate(train), stream[:-n_val]) and np.array_equal(np.concatenate(val), stream[-n_val:])
-    assert np.array_equal(np.load(tmp_path / "out" / "train_token_counts.npy"), np.bincount(stream[:-n_val], minlength=50257))
+    assert np.array_equal(np.concatenate(train), stream[:-n_val]) and np.array_equal(
+        np.concatenate(val), stream[-n_val:]
+    )
+    assert np.array_equal(
+        np.load(tmp_path / "out" / "train_token_counts.npy"), np.bincount(stream[:-n_val], minlength=50257)
+    )
 
 
 def test_text_source_errors_name_the_path_and_the_fix(tmp_path):
@@ -189,7 +193,9 @@ def test_interrupted_prepare_is_redone_from_scratch(tmp_path):
             yield from DOCS[:20]
 
     prepare(Whole(), out, val_fraction=None, val_shards=1, shard_size=200, num_proc=1)
-    assert np.array_equal(np.concatenate(read_split(out, "val") + read_split(out, "train")), reference_stream(DOCS[:20]))
+    assert np.array_equal(
+        np.concatenate(read_split(out, "val") + read_split(out, "train")), reference_stream(DOCS[:20])
+    )
 
 
 def test_exactly_one_val_split_setting_is_required(tmp_path, jsonl):

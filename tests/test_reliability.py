@@ -11,12 +11,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONF_DIR, ROOT
 from gpt2lab.checkpoint import AtomicCheckpointIO
 from gpt2lab.errors import CheckpointError
 from gpt2lab.train import RunStopped, train
@@ -47,7 +47,9 @@ class InjectNaN(L.Callback):
 
 def compose_run(run_dir: Path, data_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", *FAST, *overrides])
+        return compose(
+            "train", overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", *FAST, *overrides]
+        )
 
 
 NAN_AT_4 = "+callbacks.inject_nan={_target_:test_reliability.InjectNaN,at_step:4}"
@@ -55,7 +57,9 @@ NAN_AT_4 = "+callbacks.inject_nan={_target_:test_reliability.InjectNaN,at_step:4
 
 @pytest.mark.slow
 def test_nonfinite_gradient_stops_the_run_keeping_the_last_good_weights(tmp_path, data_dir):
-    with pytest.raises(RunStopped, match=r"stopped at step 4: non-finite gradient norm \(loss [\d.]+, grad norm nan, lr [\d.e-]+\)"):
+    with pytest.raises(
+        RunStopped, match=r"stopped at step 4: non-finite gradient norm \(loss [\d.]+, grad norm nan, lr [\d.e-]+\)"
+    ):
         train(compose_run(tmp_path / "bad", data_dir, "trainer.max_steps=10", NAN_AT_4))
     train(compose_run(tmp_path / "good", data_dir, "trainer.max_steps=3"))  # the same run, stopped before the fault
     bad, good = load(tmp_path / "bad/checkpoints/last.ckpt"), load(tmp_path / "good/checkpoints/last.ckpt")
@@ -100,7 +104,9 @@ def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 180) -> st
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_a_checkpoint_after_the_current_step_and_says_how_to_resume(tmp_path, data_dir, sig):
-    proc = start_training(tmp_path, data_dir, "trainer.max_steps=100000", "train.total_batch_size=256", "hydra.run.dir=run")
+    proc = start_training(
+        tmp_path, data_dir, "trainer.max_steps=100000", "train.total_batch_size=256", "hydra.run.dir=run"
+    )
     seen = wait_for_step(proc, 3)
     proc.send_signal(sig)
     proc.wait(timeout=120)

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import ROOT
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 B, T = 4, 32
 N, K = 12, 5  # optimizer steps: the whole run, and where the interrupted run stops
@@ -61,7 +60,9 @@ def batches_seen(run_dir: Path, rank: int = 0) -> list[str]:
     """The windows served to `rank`, in order, from the run dir's logs (all processes that ran in it)."""
     lines = []
     for log in sorted(run_dir.glob("*.log")):
-        lines += [m.group(2) for m in map(BATCH_LINE.search, log.read_text().splitlines()) if m and int(m.group(1)) == rank]
+        lines += [
+            m.group(2) for m in map(BATCH_LINE.search, log.read_text().splitlines()) if m and int(m.group(1)) == rank
+        ]
     return lines
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import CONF_DIR, ROOT
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONF_DIR, ROOT
 from gpt2lab.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.model import GPT, GPTConfig, KVCache, init_weights
@@ -126,7 +126,9 @@ def test_prompt_longer_than_the_context_keeps_its_last_block_size_tokens(caplog)
     with caplog.at_level(logging.WARNING, logger="gpt2lab.sample"):
         kept = encode_prompt(prompt, block_size=64)
     assert kept == ids[-64:]
-    assert f"the prompt is {len(ids)} tokens, longer than the context (block_size=64): keeping its last 64" in caplog.text
+    assert (
+        f"the prompt is {len(ids)} tokens, longer than the context (block_size=64): keeping its last 64" in caplog.text
+    )
     # and sampling from it works: the window slides past the context
     texts = sample(random_model(**GPT2_VOCAB), prompt, num_samples=1, max_new_tokens=3, temperature=1.0, top_k=50,
                    seed=0)  # fmt: skip
@@ -226,7 +228,9 @@ def sampled_run(tmp_path_factory, data_dir):
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
     try:
-        run_dir = tiny_train(tmp_path_factory.mktemp("runs") / "sampled", data_dir, "callbacks.text_samples.every_n_steps=2")
+        run_dir = tiny_train(
+            tmp_path_factory.mktemp("runs") / "sampled", data_dir, "callbacks.text_samples.every_n_steps=2"
+        )
     finally:
         logger.removeHandler(collect)
     return run_dir, collect.messages

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from gpt2lab.data import GPTDataModule, TokenWindows, WindowLoader, open_shard, write_shard
 from gpt2lab.data.shards import ShardError
 
@@ -16,7 +16,9 @@ from gpt2lab.data.shards import ShardError
 @pytest.fixture
 def windows(tmp_path) -> TokenWindows:
     """One shard of 10 batches of B=2 × T=8 (+1 token)."""
-    write_shard(tmp_path / "train_000000.bin", np.random.default_rng(3).integers(0, 50257, 10 * 16 + 1, dtype=np.uint16))
+    write_shard(
+        tmp_path / "train_000000.bin", np.random.default_rng(3).integers(0, 50257, 10 * 16 + 1, dtype=np.uint16)
+    )
     return TokenWindows([open_shard(tmp_path / "train_000000.bin")], batch_size=2, seq_len=8, shuffle_seed=5)
 
 
@@ -57,7 +59,9 @@ def test_llm_c_tiny_shakespeare_files_load_as_they_are(tmp_path):
     data.setup("fit")
     assert data.micro_batches == 2 and len(data.train_dataloader()) == 2 and len(data.val_loader()) == 2
     (tmp_path / "tiny_shakespeare_val.bin").unlink()
-    with pytest.raises(ShardError, match=rf"data dir {tmp_path} holds no val shards \(looked for \*val_\*.bin and \*_val.bin\)"):
+    with pytest.raises(
+        ShardError, match=rf"data dir {tmp_path} holds no val shards \(looked for \*val_\*.bin and \*_val.bin\)"
+    ):
         data.setup("fit")
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT
 from gpt2lab.train import train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_train_loss.json"
@@ -27,9 +27,8 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
 
     run_dir = tmp_path_factory.mktemp("run")
     overrides = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=30"]

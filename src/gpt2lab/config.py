@@ -115,13 +115,15 @@ def check_config(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"accelerator.{e}") from None
     if cfg.train.val_every_n_steps < 1:
-        raise ConfigError(f"train.val_every_n_steps={cfg.train.val_every_n_steps}: must be >= 1 (it also validates at the last step)")
+        raise ConfigError(
+            f"train.val_every_n_steps={cfg.train.val_every_n_steps}: must be >= 1 (it also validates at the last step)"
+        )
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: must be >= 1 optimizer steps")
     if str(cfg.accelerator.precision).startswith("16") and cfg.accelerator.name != "cuda":
         raise ConfigError(
-            f"accelerator.precision={cfg.accelerator.precision} on {cfg.accelerator.name}: fp16 with a gradient scaler is "
-            "for CUDA GPUs without bf16 (V100, T4); use bf16-mixed or 32-true"
+            f"accelerator.precision={cfg.accelerator.precision} on {cfg.accelerator.name}: fp16 with a gradient scaler "
+            "is for CUDA GPUs without bf16 (V100, T4); use bf16-mixed or 32-true"
         )
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: the learning rate must be positive, e.g. optim.lr=6e-4")

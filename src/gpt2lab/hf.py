@@ -25,9 +25,7 @@ ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # th
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
-        k: v.t() if k.endswith(CONV1D_WEIGHTS) else v
-        for k, v in hf_state_dict.items()
-        if not k.endswith(HF_BUFFERS)
+        k: v.t() if k.endswith(CONV1D_WEIGHTS) else v for k, v in hf_state_dict.items() if not k.endswith(HF_BUFFERS)
     }
 
 

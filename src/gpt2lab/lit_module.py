@@ -15,7 +15,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from gpt2lab.errors import CheckpointError
 from gpt2lab.model import GPT, GPTConfig
 
-CHECKPOINT_FORMAT = 2  # 2: one train batch is one optimizer step (manual optimization); bump when what a checkpoint holds changes; see on_load_checkpoint
+# bump when what a checkpoint holds changes; see on_load_checkpoint. 2: a train batch is one optimizer step
+CHECKPOINT_FORMAT = 2
 
 
 @torch.no_grad()
@@ -164,8 +165,9 @@ class GPTModule(L.LightningModule):
         schedule.step()
         step_loss, grad_norm = torch.stack([step_loss, grad_norm.float()]).tolist()  # the step's one sync
         report = StepReport(
-            step=self.global_step, loss=step_loss, grad_norm=grad_norm, lr=lr, tokens=xs.numel() * self.trainer.world_size,
-            time=time.perf_counter() - start, applied=math.isfinite(step_loss) and math.isfinite(grad_norm),
+            step=self.global_step, loss=step_loss, grad_norm=grad_norm, lr=lr,
+            tokens=xs.numel() * self.trainer.world_size, time=time.perf_counter() - start,
+            applied=math.isfinite(step_loss) and math.isfinite(grad_norm),
         )  # fmt: skip
         if not report.applied and (scaler is None or not math.isfinite(step_loss)):
             report.fault = f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'}"
@@ -220,8 +222,11 @@ class GPTModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         version = checkpoint.get("gpt2lab_format")
         if version != CHECKPOINT_FORMAT:
-            why = {None: "not written by gpt2lab", 1: "written by an older gpt2lab, whose train batches were micro-batches: "
-                   "its weights still load for sampling, HellaSwag and export, but no run can resume from it"}  # fmt: skip
+            why = {
+                None: "not written by gpt2lab",
+                1: "written by an older gpt2lab, whose train batches were micro-batches: its weights still load for "
+                "sampling, HellaSwag and export, but no run can resume from it",
+            }
             raise CheckpointError(
                 f"checkpoint has gpt2lab_format {version}, this gpt2lab resumes format {CHECKPOINT_FORMAT} only: "
                 + why.get(version, "written by a newer gpt2lab; upgrade it")

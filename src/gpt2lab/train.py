@@ -67,7 +67,8 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if "val/loss" not in trainer.callback_metrics:  # no step ran: the checkpoint was already at max_steps
         raise ConfigError(
-            f"nothing to train: {ckpt_path} is at step {trainer.global_step}, trainer.max_steps={cfg.trainer.max_steps}; "
+            f"nothing to train: {ckpt_path} is at step {trainer.global_step}, "
+            f"trainer.max_steps={cfg.trainer.max_steps}; "
             "raise trainer.max_steps to extend the run"
         )
     val_loss = float(trainer.callback_metrics["val/loss"])  # validated at the last step

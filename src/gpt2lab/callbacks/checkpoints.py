@@ -20,7 +20,9 @@ class Checkpoints(Checkpoint):
     def __init__(self, dirpath: str, every_n_train_steps: int | None):
         super().__init__()
         if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"callbacks.model_checkpoint.every_n_train_steps={every_n_train_steps}: must be >= 1 or null")
+            raise ValueError(
+                f"callbacks.model_checkpoint.every_n_train_steps={every_n_train_steps}: must be >= 1 or null"
+            )
         self.dirpath, self.every_n_train_steps = Path(dirpath), every_n_train_steps
 
     @property

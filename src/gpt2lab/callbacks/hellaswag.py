@@ -30,4 +30,6 @@ class HellaSwagEval(L.Callback):
             )  # fmt: skip
         pl_module.train()
         scores = hellaswag.accuracies(trainer.strategy.reduce(counts, reduce_op="sum"))
-        pl_module.log_sparse({f"hellaswag/{k}": scores[k] for k in ("acc_norm", "acc")}, prog_bar=("hellaswag/acc_norm",))
+        pl_module.log_sparse(
+            {f"hellaswag/{k}": scores[k] for k in ("acc_norm", "acc")}, prog_bar=("hellaswag/acc_norm",)
+        )

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+
 from gpt2lab import tokenizer
 from gpt2lab.data.prepare import TRAIN_TOKEN_COUNTS, prepare
 from gpt2lab.data.shards import ShardError, open_shard
@@ -101,7 +102,9 @@ class GPTDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             world_size = self.trainer.world_size if self.trainer else 1
-            self.micro_batches = micro_batches_per_step(self.total_batch_size, self.batch_size, self.seq_len, world_size)
+            self.micro_batches = micro_batches_per_step(
+                self.total_batch_size, self.batch_size, self.seq_len, world_size
+            )
             log.info("gradient accumulation: %d micro-batches a step (world size %d)", self.micro_batches, world_size)
             train = self.windows("train", self.shuffle_seed)
             self.train_loader = self._loader(train, micro_batches=self.micro_batches, debug=self.debug_batches)

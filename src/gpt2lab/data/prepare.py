@@ -126,14 +126,20 @@ class HFDataset:
         self.data_files = plain(data_files)  # a list or dict from the command line arrives as a config container
 
     def describe(self) -> dict:
-        return {"name": "hf", "path": self.path, "config": self.name, "split": self.split, "data_files": self.data_files}
+        return {
+            "name": "hf",
+            "path": self.path,
+            "config": self.name,
+            "split": self.split,
+            "data_files": self.data_files,
+        }
 
     def documents(self, data_dir: Path) -> Iterator[str]:
         try:
             import datasets
         except ImportError as e:
             raise DataError(
-                f"data set {self.path} is read with Hugging Face `datasets`: pip install -e \".[data]\""
+                f'data set {self.path} is read with Hugging Face `datasets`: pip install -e ".[data]"'
             ) from e
         try:
             stream = datasets.load_dataset(

@@ -71,7 +71,6 @@ def open_shard(path: str | os.PathLike, vocab_size: int | None = None) -> np.mem
             top = int(part.max())
             if top >= vocab_size:
                 raise ShardError(
-                    f"shard {path} holds token id {top} >= vocab size {vocab_size}: written by another "
-                    f"tokenizer; {fix}"
+                    f"shard {path} holds token id {top} >= vocab size {vocab_size}: written by another tokenizer; {fix}"
                 )
     return tokens
