@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
 from gpt2lab.callbacks.monitor import flops_per_token, peak_flops
-from gpt2lab.fastpath import tune_malloc
+from gpt2lab.fastpath import set_up_process
 
 LABELS = {
     "lightning": "(a) Lightning step, fp32",
@@ -156,10 +156,7 @@ def worker(conn, cfg_container: dict, names: list[str]) -> None:
         # one heap for all threads: the Lightning candidate trains in a thread of its own, which would
         # otherwise allocate from an arena of its own, unlike (b) and (c) and a real run
         malloc = {**(malloc or {}), "arena_max": 1}
-    if malloc:
-        tune_malloc(**malloc)
-    if cfg.accelerator.matmul_precision:
-        torch.set_float32_matmul_precision(cfg.accelerator.matmul_precision)
+    set_up_process(cfg.accelerator.matmul_precision, malloc)
     L.seed_everything(cfg.seed, verbose=False)
     candidates = {
         name: LightningCandidate(cfg)

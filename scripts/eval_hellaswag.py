@@ -4,7 +4,6 @@ scores a share of the examples."""
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -12,6 +11,7 @@ import gpt2lab.config  # noqa: F401  (registers ${gpt2lab.device:})
 from gpt2lab import hellaswag
 from gpt2lab.checkpoint import load_model
 from gpt2lab.errors import exit_on_user_error
+from gpt2lab.fastpath import set_up_process
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval_hellaswag")
@@ -20,8 +20,7 @@ def main(cfg: DictConfig) -> None:
         acc = cfg.accelerator
         fabric = L.Fabric(accelerator=acc.name, devices=acc.devices, precision=acc.precision)
         fabric.launch()  # from here on, this runs in every device's process
-        if acc.matmul_precision:
-            torch.set_float32_matmul_precision(acc.matmul_precision)
+        set_up_process(acc.matmul_precision, acc.malloc)
         model = load_model(cfg.ckpt, cfg.hf, cfg.paths.runs_dir).to(fabric.device).eval()
         load = instantiate(cfg.hellaswag.load_examples)
         examples = hellaswag.rank_zero_first(load, fabric.is_global_zero, fabric.barrier)

@@ -62,6 +62,15 @@ def tune_malloc(**settings: int) -> bool:
     return True
 
 
+def set_up_process(matmul_precision: str | None, malloc: dict | None) -> None:
+    """The accelerator settings that are per process, not Trainer arguments: TF32 matmuls and glibc's allocator
+    (null: leave each as it is). Every entry point that runs a model calls it once, first."""
+    if matmul_precision:
+        torch.set_float32_matmul_precision(matmul_precision)
+    if malloc:
+        tune_malloc(**malloc)
+
+
 @cache
 def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` n×n matmuls on this device at `dtype`: the ceiling a CPU reaches in

@@ -3,14 +3,13 @@ import os
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.callbacks.safe_stop import slurm_job_id
 from gpt2lab.config import check_config
 from gpt2lab.errors import ConfigError, RunStopped
-from gpt2lab.fastpath import tune_malloc
+from gpt2lab.fastpath import set_up_process
 from gpt2lab.sweep import log_final_metrics
 
 log = logging.getLogger(__name__)
@@ -52,10 +51,7 @@ def train(cfg: DictConfig) -> float:
     log.info(
         "using device: %s (precision %s, attention %s)", accelerator.name, accelerator.precision, accelerator.attention
     )
-    if accelerator.matmul_precision:
-        torch.set_float32_matmul_precision(accelerator.matmul_precision)
-    if accelerator.malloc:
-        tune_malloc(**accelerator.malloc)
+    set_up_process(accelerator.matmul_precision, accelerator.malloc)
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
