@@ -26,12 +26,18 @@ def detect_device() -> str:
     return "cpu"
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job this process runs in, as `scontrol requeue` takes it (`<array job>_<task>` for an array
+    task); None outside SLURM."""
+    if array_job := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def new_run_name() -> str:
     """A run dir name that two runs started in the same second on one machine never share; under SLURM the
     job's id, so that a requeued job runs in the same dir again (and resumes from its last.ckpt)."""
-    if job := os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"slurm_{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    if job := os.environ.get("SLURM_JOB_ID"):
+    if job := slurm_job_id():
         return f"slurm_{job}"
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
 

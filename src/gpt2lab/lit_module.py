@@ -88,7 +88,6 @@ class StepReport:
     time: float  # seconds from the start of the step to its update done: no validation, sampling or eval
     applied: bool  # False: the update was withheld (non-finite gradients, or an fp16 overflow)
     fault: str | None = None  # why it was withheld, when that is a fault to act on (never an fp16 overflow)
-    val_loss: float | None = None  # when validation ran after this step
 
 
 class GPTModule(L.LightningModule):
@@ -172,7 +171,7 @@ class GPTModule(L.LightningModule):
         if not report.applied and (scaler is None or not math.isfinite(step_loss)):
             report.fault = f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'}"
         if report.step % self.val_every_n_steps == 0 or report.step == self.trainer.max_steps:
-            report.val_loss = self.validate()
+            self.validate()
         # every scalar of this step at x = report.step (Lightning's `step` key), whichever hook logs it
         self.log("step", float(report.step))
         self.log("train/loss", step_loss, prog_bar=True)
@@ -184,7 +183,7 @@ class GPTModule(L.LightningModule):
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             self.trainer.strategy.model.require_backward_grad_sync = enabled  # as its no_sync() does
 
-    def validate(self) -> float:
+    def validate(self) -> None:
         """val/loss (and the unused-token metrics) of the current weights, logged at this step: the mean over
         the same first val batches every time, and over ranks (each holds its own slice of each batch)."""
         self.model.eval()
@@ -192,7 +191,6 @@ class GPTModule(L.LightningModule):
         self.model.train()
         values = self.trainer.strategy.reduce(torch.stack(list(metrics.values())), reduce_op="mean").tolist()
         self.log_sparse(dict(zip(metrics, values)), prog_bar=("val/loss",))
-        return values[0]
 
     def log_sparse(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
         """Scalars measured at some steps only (validation, HellaSwag): to the loggers at this step alone

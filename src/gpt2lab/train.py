@@ -6,8 +6,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.callbacks.safe_stop import slurm_job_id
-from gpt2lab.config import check_config
+from gpt2lab.config import check_config, slurm_job_id
 from gpt2lab.errors import ConfigError, RunStopped
 from gpt2lab.fastpath import set_up_process
 from gpt2lab.sweep import log_final_metrics

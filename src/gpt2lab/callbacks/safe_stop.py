@@ -1,5 +1,4 @@
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -7,17 +6,10 @@ import threading
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from gpt2lab.config import OnNonFinite
+from gpt2lab.config import OnNonFinite, slurm_job_id
 from gpt2lab.errors import RunStopped
 
 log = logging.getLogger(__name__)
-
-
-def slurm_job_id() -> str | None:
-    """The id `scontrol requeue` takes (`<array job>_<task>` for an array task); None outside SLURM."""
-    if array_job := os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class SafeStop(Callback):
