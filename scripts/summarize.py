@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from gpt2lab.errors import exit_on_user_error
-from gpt2lab.sweep import SUMMARY_FILES, summarize, unused_token_report
+from gpt2lab.metrics import unused_token_report
+from gpt2lab.sweep import SUMMARY_FILES, summarize
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from omegaconf import OmegaConf
 
 from gpt2lab.errors import DataError
-from gpt2lab.sweep import read_events, scalar_series, summarize, unused_token_report
+from gpt2lab.metrics import unused_token_report
+from gpt2lab.sweep import read_events, scalar_series, summarize
 
 # every run: model=tiny, 2 optimizer steps of 4 × 32 tokens, validation (one batch) after each
 TINY_RUN = ["model=tiny", "accelerator=cpu", "trainer.max_steps=2", "data.seq_len=32", "data.val_batches=1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from gpt2lab.lit_module import unseen_token_mask, unused_token_metrics, validation_metrics
+from gpt2lab.metrics import unseen_token_mask, unused_token_metrics, validation_metrics
 
 
 def test_unused_token_metrics_on_set_logits():

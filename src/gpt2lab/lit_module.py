@@ -5,62 +5,17 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from gpt2lab.errors import CheckpointError
+from gpt2lab.metrics import unseen_token_mask, validation_metrics
 from gpt2lab.model import GPT, GPTConfig
 
 # bump when what a checkpoint holds changes; see on_load_checkpoint. 2: a train batch is one optimizer step
 CHECKPOINT_FORMAT = 2
-
-
-@torch.no_grad()
-def unused_token_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, unseen: torch.Tensor, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """How much of the loss is owed to token ids the training split never holds (`unseen`, a bool per
-    logit column): the mean probability the model puts on them, and the cross-entropy with their logits
-    masked out (−inf), over the positions whose target does occur in training (another would cost ∞).
-    Rows go `chunk` at a time, so the float32 copies stay small beside a large batch's logits."""
-    logits, targets = logits.flatten(0, -2), targets.flatten()  # (B·T, V), (B·T,)
-    mass, loss_sum, seen_targets = logits.new_zeros((), dtype=torch.float32), 0.0, 0
-    for rows, ys in zip(logits.split(chunk), targets.split(chunk)):
-        rows = rows.float()
-        log_z = rows.logsumexp(-1)  # (N,)
-        seen_rows = rows.masked_fill(unseen, float("-inf"))
-        log_z_seen = seen_rows.logsumexp(-1)  # (N,) the normalizer over seen ids alone
-        mass = mass + (1 - (log_z_seen - log_z).exp()).sum()
-        ignore = unseen[ys]
-        loss_sum = loss_sum + F.cross_entropy(seen_rows, ys.masked_fill(ignore, -100), reduction="sum")
-        seen_targets += int((~ignore).sum())
-    return mass / len(targets), loss_sum / max(seen_targets, 1)
-
-
-def unseen_token_mask(train_token_counts: np.ndarray, padded_vocab_size: int) -> torch.Tensor:
-    """True for each logit column whose token the training split never holds (padded rows included)."""
-    unseen = torch.ones(padded_vocab_size, dtype=torch.bool)
-    unseen[: len(train_token_counts)] = torch.from_numpy(train_token_counts == 0)
-    return unseen
-
-
-@torch.no_grad()
-def validation_metrics(model: GPT, batches, unseen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Means over `batches` of (x, y) of val/loss and, given the `unseen` mask, val/unused_token_mass and
-    val/loss_seen_vocab (val/loss − val/loss_seen_vocab: the part of the loss still owed to never-seen tokens)."""
-    device = next(model.parameters()).device
-    sums = torch.zeros(3 if unseen is not None else 1, device=device)
-    for n, (x, y) in enumerate(batches, 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, loss = model(x, y)
-        sums[0] += loss.float()
-        if unseen is not None:
-            sums[1:] += torch.stack(unused_token_metrics(logits, y, unseen))
-    return dict(zip(("val/loss", "val/unused_token_mass", "val/loss_seen_vocab"), sums / n))
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> float:

@@ -3,6 +3,7 @@ each run's overrides, final and best val/loss, tokens seen and wall time; the va
 one plot), written by `scripts/summarize.py` or by the Hydra callback when a multirun ends."""
 
 import csv
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,18 @@ def sweep_run_name() -> str:
         return ""
     hydra = HydraConfig.get()
     return hydra.job.override_dirname if hydra.mode == RunMode.MULTIRUN else ""
+
+
+RUN_STATUS_FILE = "status.json"  # in a run dir: how the run ended (write_run_status)
+RUN_STATUSES = ("completed", "stopped", "failed", "pruned")
+
+
+def write_run_status(run_dir: str | Path, status: str, detail: str | None = None) -> None:
+    """Record how a run ended, for the sweep summary: `status` is one of RUN_STATUSES; `detail` says why
+    (the stop's reason, the error's one line, the pruning step)."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status={status!r}: must be one of {', '.join(RUN_STATUSES)}")
+    Path(run_dir, RUN_STATUS_FILE).write_text(json.dumps({"status": status, "detail": detail}) + "\n")
 
 
 def run_hparams(cfg: DictConfig) -> dict:
@@ -184,53 +197,3 @@ class SummarizeSweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         summarize(config.hydra.sweep.dir)
-
-
-UNUSED_TOKEN_TAGS = ("val/loss", "val/loss_seen_vocab", "val/unused_token_mass")
-
-
-def unused_token_report(run_dir: str | Path, up_to_step: int | None = None) -> str:
-    """How much of a run's early val-loss drop is learning to stop predicting never-seen tokens: plot
-    val/loss, val/loss_seen_vocab and val/unused_token_mass into <run dir>/unused_tokens.png, and return the
-    finding in one line, from the first validation to the last at or before `up_to_step` (default: all)."""
-    run_dir = Path(run_dir)
-    accumulators = read_events(run_dir)
-    series = {tag: {step: value for step, value, _ in scalar_series(accumulators, tag)} for tag in UNUSED_TOKEN_TAGS}
-    steps = sorted(set.intersection(*(set(s) for s in series.values())))
-    steps = [s for s in steps if up_to_step is None or s <= up_to_step]
-    if len(steps) < 2:
-        raise DataError(
-            f"{run_dir} has fewer than two validations logging {', '.join(UNUSED_TOKEN_TAGS)}: run "
-            "`python scripts/train.py experiment=unused_tokens` (its data dir must hold train_token_counts.npy)"
-        )
-    loss, seen, mass = ([series[tag][s] for s in steps] for tag in UNUSED_TOKEN_TAGS)
-    gap = [a - b for a, b in zip(loss, seen)]
-    plot_unused_tokens(steps, loss, seen, mass, run_dir / "unused_tokens.png")
-    drop, gap_drop = loss[0] - loss[-1], gap[0] - gap[-1]
-    return (
-        f"from optimizer step {steps[0]} to {steps[-1]}, val/loss fell {loss[0]:.2f} → {loss[-1]:.2f} "
-        f"({drop:.2f} nats), of which the part owed to never-seen tokens (val/loss − val/loss_seen_vocab, "
-        f"{gap[0]:.2f} → {gap[-1]:.2f}) explains {gap_drop:.2f} nats = {gap_drop / drop:.0%}; the probability "
-        f"on never-seen tokens fell {mass[0]:.3f} → {mass[-1]:.3f}"
-    )
-
-
-def plot_unused_tokens(steps, loss, seen, mass, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    top.plot(steps, loss, label="val/loss")
-    top.plot(steps, seen, label="val/loss_seen_vocab (never-seen tokens masked)")
-    top.fill_between(steps, seen, loss, alpha=0.2, label="owed to never-seen tokens")
-    top.set(ylabel="loss (nats)", title="where the early loss drop comes from")
-    top.legend(fontsize="small")
-    bottom.plot(steps, mass, color="C3")
-    bottom.set(xlabel="optimizer step", ylabel="val/unused_token_mass")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

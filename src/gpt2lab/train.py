@@ -1,5 +1,6 @@
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -36,9 +37,10 @@ def resume_from(ckpt_path: str | None, checkpoint_dir: str | os.PathLike) -> str
     return str(path)
 
 
-def train(cfg: DictConfig) -> float:
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
     """Instantiate data, module, callbacks, loggers and Trainer from `cfg`, fit, and return the final
-    val/loss (the metric a sweeper minimizes). A run stopped early (a signal, a non-finite step) raises
+    val/loss (the metric a sweeper minimizes). `callbacks` join cfg.callbacks: objects a config cannot
+    describe (a search's pruner, which holds its trial). A run stopped early (a signal, a non-finite step) raises
     RunStopped once its checkpoint is written."""
     check_config(cfg)
     ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)  # before any work
@@ -56,7 +58,7 @@ def train(cfg: DictConfig) -> float:
     module = instantiate(cfg.module)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[instantiate(c) for c in cfg.callbacks.values()],
+        callbacks=[*(instantiate(c) for c in cfg.callbacks.values()), *callbacks],
         logger=[instantiate(lg) for lg in cfg.logger.values()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
