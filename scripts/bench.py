@@ -21,9 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
+from gpt2lab.accelerator import resolve_accelerator, set_up_process
 from gpt2lab.callbacks.monitor import flops_per_token, peak_flops
-from gpt2lab.fastpath import set_up_process
+from gpt2lab.config import register_resolvers
 
 LABELS = {
     "lightning": "(a) Lightning step, fp32",
@@ -172,10 +172,10 @@ def worker(conn, cfg_container: dict, names: list[str]) -> None:
 
 
 def with_accelerator(cfg: DictConfig, **settings) -> dict:
-    """The run config with these accelerator settings, resolved: the presets' values that depend on them
-    (e.g. the CPU's attention on its precision) follow."""
+    """The run config with these accelerator settings, the others at the device's defaults (`auto`), resolved."""
     cfg = cfg.copy()
     cfg.accelerator.merge_with(settings)
+    resolve_accelerator(cfg.accelerator)
     OmegaConf.resolve(cfg)
     return OmegaConf.to_container(cfg)
 
@@ -189,7 +189,8 @@ def main(cfg: DictConfig) -> None:
         "stock": (["hf_stock"], with_accelerator(cfg, **fp32, malloc=None)),
         "fast": (["fastpath"], with_accelerator(cfg)),  # the device's defaults
     }
-    OmegaConf.resolve(cfg)  # the device, the presets: as the driver sees them
+    resolve_accelerator(cfg.accelerator)  # the device and its defaults, as the driver sees them
+    OmegaConf.resolve(cfg)
     instantiate(cfg.data).prepare_data()  # here: the workers are daemons, which may not start tokenizer processes
     ctx = mp.get_context("spawn")
     pipes, peaks, precision_of = {}, {}, {}
@@ -239,4 +240,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # before Hydra composes the config
     main()

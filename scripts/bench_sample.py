@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tqdm import tqdm
 
-import gpt2lab.config
 from gpt2lab import tokenizer
+from gpt2lab.accelerator import detect_device
 from gpt2lab.model import GPT
 from gpt2lab.sample import generate
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--num-samples", type=int, default=1, help="sequences generated together (batch)")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--device", default=gpt2lab.config.detect_device())
+    parser.add_argument("--device", default=detect_device())
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args()
     if args.threads:

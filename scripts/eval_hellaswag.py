@@ -7,17 +7,17 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import gpt2lab.config  # noqa: F401  (registers ${gpt2lab.device:})
 from gpt2lab import hellaswag
+from gpt2lab.accelerator import resolve_accelerator, set_up_process
 from gpt2lab.checkpoint import load_model
 from gpt2lab.errors import exit_on_user_error
-from gpt2lab.fastpath import set_up_process
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval_hellaswag")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         acc = cfg.accelerator
+        resolve_accelerator(acc)  # each `auto` setting: the device's default
         fabric = L.Fabric(accelerator=acc.name, devices=acc.devices, precision=acc.precision)
         fabric.launch()  # from here on, this runs in every device's process
         set_up_process(acc.matmul_precision, acc.malloc)

@@ -7,7 +7,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
+from gpt2lab.config import register_resolvers
 from gpt2lab.errors import exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # before Hydra composes the config
     main()

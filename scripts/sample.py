@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-import gpt2lab.config  # noqa: F401  (registers ${gpt2lab.device:})
+from gpt2lab.accelerator import AUTO, detect_device
 from gpt2lab.checkpoint import load_model
 from gpt2lab.errors import exit_on_user_error
 from gpt2lab.sample import sample
@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        model = load_model(cfg.ckpt, cfg.hf, cfg.paths.runs_dir).to(cfg.device).eval()
-        log.info("%s parameters on %s", f"{model.num_params():,}", cfg.device)
+        device = detect_device() if cfg.device == AUTO else cfg.device
+        model = load_model(cfg.ckpt, cfg.hf, cfg.paths.runs_dir).to(device).eval()
+        log.info("%s parameters on %s", f"{model.num_params():,}", device)
         texts = sample(
             model, cfg.prompt, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, stop_at_eot=cfg.stop_at_eot,

@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from gpt2lab.config import register_resolvers
 from gpt2lab.errors import exit_on_user_error
 from gpt2lab.train import train
 
@@ -14,4 +15,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # before Hydra composes the config
     main()

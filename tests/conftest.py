@@ -6,7 +6,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import gpt2lab.config  # noqa: F401  (registers the resolvers the configs use)
+from gpt2lab.accelerator import resolve_accelerator
+from gpt2lab.config import register_resolvers
+
+register_resolvers()  # as every entry point does before Hydra composes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -33,22 +36,30 @@ def data_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("GPT2LAB_TEST_DATA_DIR") or tmp_path_factory.mktemp("data"))
 
 
-def compose_train_in(run_dir: Path, data_dir: Path, *overrides: str, return_hydra_config: bool = False) -> DictConfig:
-    """Compose conf/train.yaml as `scripts/train.py` would, for a run in `run_dir`."""
+def compose_train_in(
+    run_dir: Path, data_dir: Path, *overrides: str, return_hydra_config: bool = False, resolve: bool = True
+) -> DictConfig:
+    """Compose conf/train.yaml as `scripts/train.py` would, for a run in `run_dir`; with `resolve`, each `auto`
+    accelerator setting is then the device's default, as train() makes it first."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
+        cfg = compose(
             "train",
             overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", *overrides],
             return_hydra_config=return_hydra_config,
         )
+    if resolve:
+        resolve_accelerator(cfg.accelerator)
+    return cfg
 
 
 @pytest.fixture
 def compose_train(tmp_path, data_dir):
     """compose_train_in with the run dir in tmp_path."""
 
-    def _compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
-        return compose_train_in(tmp_path / "run", data_dir, *overrides, return_hydra_config=return_hydra_config)
+    def _compose(*overrides: str, return_hydra_config: bool = False, resolve: bool = True) -> DictConfig:
+        return compose_train_in(
+            tmp_path / "run", data_dir, *overrides, return_hydra_config=return_hydra_config, resolve=resolve
+        )
 
     return _compose
 

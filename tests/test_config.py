@@ -6,6 +6,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from gpt2lab.accelerator import resolve_accelerator
 from gpt2lab.model import GPTConfig
 from gpt2lab.train import train
 
@@ -42,9 +43,11 @@ def test_every_option_of_every_group_composes_and_resolves(compose_train, hydra_
 
 
 def test_auto_accelerator_picks_cpu_here_with_its_precision(compose_train):
-    acc = compose_train("accelerator=auto").accelerator
-    assert (acc.name, acc.precision, acc.compile) == ("cpu", CPU_PRECISION, False)
-    assert compose_train().trainer.accelerator == "cpu"
+    cfg = compose_train(resolve=False)  # accelerator=auto: worked out when the run starts, not as Hydra composes
+    assert {cfg.accelerator[key] for key in ("name", "precision", "compile", "attention", "malloc")} == {"auto"}
+    resolve_accelerator(cfg.accelerator)
+    assert (cfg.accelerator.name, cfg.accelerator.precision, cfg.accelerator.compile) == ("cpu", CPU_PRECISION, False)
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == CPU_PRECISION
 
 
 @pytest.mark.parametrize(
@@ -59,6 +62,7 @@ def test_each_accelerator_sets_the_trainer_and_a_precision_that_works_there(
     compose_train, device, precision, compile, attention
 ):
     cfg = compose_train(f"accelerator={device}")
+    resolve_accelerator(cfg.accelerator)
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.module.compile) == (device, precision, compile)
     assert cfg.module.attention == attention
 
@@ -67,6 +71,7 @@ def test_each_accelerator_sets_the_trainer_and_a_precision_that_works_there(
 def test_cpu_attention_follows_the_precision_chosen(compose_train, precision, attention):
     """PyTorch's CPU flash kernel is the faster in fp32 and the slower in bf16 (README, Performance)."""
     cfg = compose_train("accelerator=cpu", f"accelerator.precision={precision}")
+    resolve_accelerator(cfg.accelerator)
     assert cfg.accelerator.attention == attention
     module = instantiate(cfg.module)
     assert {block.attn.attention for block in module.model.transformer.h} == {attention}
@@ -75,6 +80,7 @@ def test_cpu_attention_follows_the_precision_chosen(compose_train, precision, at
 
 def test_accelerator_settings_can_be_overridden(compose_train):
     cfg = compose_train("accelerator=cuda", "accelerator.compile=false", "accelerator.precision=16-mixed")
+    resolve_accelerator(cfg.accelerator)
     assert (cfg.trainer.precision, cfg.module.compile) == ("16-mixed", False)
 
 
@@ -100,10 +106,11 @@ def test_unknown_key_is_refused(compose_train):
         (["data.batch_size=1.5"], "data.batch_size=1.5: expected an integer"),
         (["optim.lr=fast"], "optim.lr='fast': expected a number"),
         (["accelerator.attention=flash"], "accelerator.attention='flash': must be one of sdpa, eager"),
+        (["accelerator.name=tpu"], "accelerator.name='tpu': must be auto, cuda, mps or cpu"),
     ],
 )
 def test_inconsistent_config_fails_before_training_starts(compose_train, overrides, message, tmp_path):
-    cfg = compose_train("trainer.max_steps=2", *overrides)
+    cfg = compose_train("trainer.max_steps=2", *overrides, resolve=False)  # train() resolves `auto`
     with pytest.raises((ValueError, InstantiationException), match=message):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()

@@ -170,7 +170,7 @@ def test_preparing_again_does_nothing_and_other_settings_refuse(tinyshakespeare)
     source = TinyShakespeare(url="unused", sha256=TINYSHAKESPEARE_SHA256)
     prepare(source, tinyshakespeare, val_fraction=0.1, val_shards=None, shard_size=100_000_000)
     assert shard.stat().st_mtime_ns == before
-    with pytest.raises(DataError, match=r"val_fraction: 0.1 → now 0.2\): add data.rebuild=true"):
+    with pytest.raises(DataError, match=r"val_fraction: 0.1 → now 0.2\): add data.prepare.rebuild=true"):
         prepare(source, tinyshakespeare, val_fraction=0.2, val_shards=None, shard_size=100_000_000)
     assert shard.stat().st_mtime_ns == before
 

@@ -9,7 +9,7 @@ N, K = 6, 3
 DDP = ["accelerator.devices=2", "++trainer.strategy=ddp"]
 # 30% val: 2 global batches of 2 ranks × B × T
 # fp32 on every CPU: the comparison below is of float32 sums in two orders (bf16 rounding would swamp it)
-COMMON = ["data.val_fraction=0.3", f"trainer.max_steps={N}", "train.val_every_n_steps=3"]
+COMMON = ["data.prepare.val_fraction=0.3", f"trainer.max_steps={N}", "train.val_every_n_steps=3"]
 COMMON += ["accelerator.precision=32-true", f"train.total_batch_size={2 * 2 * B * T}"]  # 2 micro-batches a step
 
 

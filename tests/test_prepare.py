@@ -158,7 +158,7 @@ def test_other_settings_refuse_and_rebuild_replaces_every_shard(tmp_path, jsonl)
     out = tmp_path / "out"
     prepare(source, out, val_fraction=None, val_shards=1, shard_size=300, num_proc=1)
     n_small = len(list(out.glob("train_*.bin")))
-    with pytest.raises(DataError, match=r"shard_size: 300 → now 1000\): add data.rebuild=true"):
+    with pytest.raises(DataError, match=r"shard_size: 300 → now 1000\): add data.prepare.rebuild=true"):
         prepare(source, out, val_fraction=None, val_shards=1, shard_size=1000, num_proc=1)
     prepare(source, out, val_fraction=None, val_shards=1, shard_size=1000, num_proc=1, rebuild=True)
     train = read_split(out, "train")
@@ -202,5 +202,5 @@ def test_exactly_one_val_split_setting_is_required(tmp_path, jsonl):
     source = HFDataset(path="json", data_files=str(jsonl), split="train")
     with pytest.raises(ValueError, match="set exactly one of them"):
         prepare(source, tmp_path, val_fraction=0.1, val_shards=1, shard_size=100)
-    with pytest.raises(ValueError, match="all of them val: lower data.shard_size"):
+    with pytest.raises(ValueError, match="all of them val: lower data.prepare.shard_size"):
         prepare(source, tmp_path / "x", val_fraction=None, val_shards=1, shard_size=10**6, num_proc=1)

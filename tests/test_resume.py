@@ -44,7 +44,7 @@ def train_run(run_dir: Path, corpus: Path, data_dir: Path, *overrides: str, batc
     """`python scripts/train.py` on the corpus with a tiny model: a new process, as after a crash."""
     cmd = [
         sys.executable, "scripts/train.py", "model=tiny", "accelerator=cpu", "data=text",
-        f"data.source.path={corpus}", f"paths.data_dir={data_dir}", "data.shard_size=600", "data.num_proc=1",
+        f"data.source.path={corpus}", f"paths.data_dir={data_dir}", "data.prepare.shard_size=600", "data.prepare.num_proc=1",
         f"data.batch_size={batch_size}", f"data.seq_len={T}", "data.shuffle=true", "data.debug_batches=true",
         "data.val_batches=2", "train.val_every_n_steps=5", "~callbacks.text_samples", f"hydra.run.dir={run_dir}",
         # a learning rate still in warmup does not depend on trainer.max_steps, so a run stopped by

@@ -54,8 +54,7 @@ def test_llm_c_tiny_shakespeare_files_load_as_they_are(tmp_path):
     for split in ("train", "val"):
         write_shard(tmp_path / f"tiny_shakespeare_{split}.bin", rng.integers(0, 50257, 4 * 32 + 1, dtype=np.uint16))
     data = GPTDataModule(None, str(tmp_path), batch_size=2, seq_len=16, total_batch_size=64, shuffle=False, seed=0,
-                         val_batches=2, num_workers=0, debug_batches=False, val_fraction=None, val_shards=None,
-                         shard_size=100, num_proc=1, rebuild=False)  # fmt: skip
+                         val_batches=2, num_workers=0, debug_batches=False, prepare={})  # fmt: skip
     data.setup("fit")
     assert data.micro_batches == 2 and len(data.train_dataloader()) == 2 and len(data.val_loader()) == 2
     (tmp_path / "tiny_shakespeare_val.bin").unlink()

@@ -1,29 +1,19 @@
-"""OmegaConf resolvers used by conf/ and the checks run on a composed config before any work starts."""
+"""The two OmegaConf resolvers conf/ uses (registered by register_resolvers, which every entry point calls
+before Hydra composes) and the checks run on a composed config before any work starts."""
 
 import os
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import Enum
 
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.fastpath import cpu_default_attention, cpu_default_precision
 from gpt2lab.model import check_attention
-from gpt2lab.sweep import sweep_run_name
-
-
-def detect_device() -> str:
-    """cuda if available, else mps, else cpu: build-nanogpt's detection order."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+from gpt2lab.sweep import if_multirun, sweep_run_name
 
 
 def slurm_job_id() -> str | None:
@@ -42,11 +32,12 @@ def new_run_name() -> str:
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
 
 
-OmegaConf.register_new_resolver("gpt2lab.device", detect_device, replace=True)
-OmegaConf.register_new_resolver("gpt2lab.run_name", new_run_name, use_cache=True, replace=True)
-OmegaConf.register_new_resolver("gpt2lab.cpu_precision", cpu_default_precision, replace=True)
-OmegaConf.register_new_resolver("gpt2lab.cpu_attention", cpu_default_attention, replace=True)
-OmegaConf.register_new_resolver("gpt2lab.sweep_run_name", sweep_run_name, replace=True)
+def register_resolvers() -> None:
+    """${gpt2lab.run_name:} (hydra.run.dir) and ${gpt2lab.sweep_run_name:} (the TensorBoard run name): what
+    no built-in resolver knows. Every entry point calls this before Hydra composes; calling it again is harmless."""
+    OmegaConf.register_new_resolver("gpt2lab.run_name", new_run_name, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("gpt2lab.sweep_run_name", sweep_run_name, replace=True)
+    OmegaConf.register_new_resolver("gpt2lab.if_multirun", if_multirun, replace=True)
 
 
 class OnNonFinite(str, Enum):

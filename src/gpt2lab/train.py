@@ -7,9 +7,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2lab.config import check_config, slurm_job_id
+from gpt2lab.accelerator import resolve_accelerator, set_up_process
+from gpt2lab.config import check_config, register_resolvers, slurm_job_id
 from gpt2lab.errors import ConfigError, RunStopped
-from gpt2lab.fastpath import set_up_process
 from gpt2lab.sweep import log_final_metrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
     val/loss (the metric a sweeper minimizes). `callbacks` join cfg.callbacks: objects a config cannot
     describe (a search's pruner, which holds its trial). A run stopped early (a signal, a non-finite step) raises
     RunStopped once its checkpoint is written."""
+    register_resolvers()  # for a job process that did not compose its config (a submitit or SLURM launcher's)
+    resolve_accelerator(cfg.accelerator)  # each `auto` setting: the device's default
     check_config(cfg)
     ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)  # before any work
     output_dir = Path(cfg.paths.output_dir)

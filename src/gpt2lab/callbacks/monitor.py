@@ -1,11 +1,13 @@
 """Speed per optimizer step: step time, tokens/s and model FLOPs utilization, in TensorBoard and on the
 progress bar."""
 
+import time
+from functools import cache
+
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
-from gpt2lab.fastpath import measured_peak_flops
 from gpt2lab.model import GPT
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
@@ -21,6 +23,26 @@ def flops_per_token(model: GPT, seq_len: int) -> int:
     ×3 with backward, causal masking not discounted (PaLM, appendix B; nanoGPT's estimate_mfu)."""
     c = model.config
     return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+
+@cache
+def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n×n matmuls on this device at `dtype`: the ceiling a CPU reaches in
+    practice, where no datasheet figure applies. Measured once per process."""
+    # constant operands: a dense matmul takes as long for any values, and drawing random ones would
+    # shift the global RNG stream of the run being measured
+    a = torch.full((n, n), 1.0 / n, device=device_type, dtype=dtype)
+    b = a.clone()
+    best = float("inf")
+    for _ in range(repeats):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

@@ -49,25 +49,20 @@ class GPTDataModule(L.LightningDataModule):
         val_batches: int,
         num_workers: int,
         debug_batches: bool,
-        val_fraction: float | None,
-        val_shards: int | None,
-        shard_size: int,
-        num_proc: int | None,
-        rebuild: bool,
+        prepare: dict,
     ):
+        """`source` (None: the shards are already there, e.g. made by llm.c) is tokenized into `data_dir` when
+        its shards are missing, with the settings `prepare` (gpt2lab.data.prepare's keyword arguments)."""
         super().__init__()
-        self.source, self.data_dir = source, Path(data_dir)
+        self.source, self.data_dir, self.prepare_settings = source, Path(data_dir), dict(prepare)
         self.batch_size, self.seq_len, self.total_batch_size = batch_size, seq_len, total_batch_size
         self.micro_batches = 1  # per optimizer step: known in setup, from the world size
         self.shuffle_seed = seed if shuffle else None
         self.val_batches, self.num_workers, self.debug_batches = val_batches, num_workers, debug_batches
-        self.prepare_settings = dict(
-            val_fraction=val_fraction, val_shards=val_shards, shard_size=shard_size, num_proc=num_proc, rebuild=rebuild
-        )
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node, before setup on every rank
-        if self.source is not None:  # None: the shards are already there (e.g. made by llm.c)
+        if self.source is not None:
             prepare(self.source, self.data_dir, **self.prepare_settings)
 
     def train_token_counts(self) -> np.ndarray | None:

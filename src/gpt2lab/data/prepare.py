@@ -263,8 +263,8 @@ def prepare(
     """
     if (val_fraction is None) == (val_shards is None):
         raise ConfigError(
-            f"data.val_fraction={val_fraction} and data.val_shards={val_shards}: set exactly one of them "
-            "(e.g. data.val_fraction=0.1, or data.val_shards=1 for a streamed source)"
+            f"data.prepare.val_fraction={val_fraction} and data.prepare.val_shards={val_shards}: set exactly one of them "
+            "(e.g. data.prepare.val_fraction=0.1, or data.prepare.val_shards=1 for a streamed source)"
         )
     data_dir = Path(data_dir)
     settings = {"source": source.describe(), "tokenizer": tokenizer.NAME, "val_fraction": val_fraction}
@@ -279,7 +279,7 @@ def prepare(
         changed = {k: (done["settings"].get(k), v) for k, v in settings.items() if done["settings"].get(k) != v}
         raise DataError(
             f"{data_dir} was prepared with other settings ({', '.join(f'{k}: {a} → now {b}' for k, (a, b) in changed.items())}): "
-            "add data.rebuild=true to delete its shards and prepare them again, or point data.data_dir elsewhere"
+            "add data.prepare.rebuild=true to delete its shards and prepare them again, or point data.data_dir elsewhere"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
     remove_shards(data_dir)  # leftovers of an interrupted prepare, or the shards being rebuilt
@@ -296,8 +296,8 @@ def prepare(
         writer.move_tail_to_val(int(writer.tokens["train"] * val_fraction))
     if not writer.written["train"]:
         raise DataError(
-            f"{source.describe()} gave {writer.tokens['val']} tokens, all of them val: lower data.shard_size "
-            f"({shard_size}) or data.val_shards ({val_shards}), or use data.val_fraction"
+            f"{source.describe()} gave {writer.tokens['val']} tokens, all of them val: lower data.prepare.shard_size "
+            f"({shard_size}) or data.prepare.val_shards ({val_shards}), or use data.prepare.val_fraction"
         )
     np.save(data_dir / TRAIN_TOKEN_COUNTS, writer.train_token_counts)
     # the manifest is written last: its presence means every shard is complete

@@ -1,4 +1,4 @@
-"""The fast path: per-accelerator defaults, CPU bf16 only where native (and then the loss curve of fp32),
+"""The accelerator: per-device defaults, CPU bf16 only where native (and then the loss curve of fp32),
 glibc's allocator setting, and torch.compile leaving checkpoints as an uncompiled GPT's."""
 
 import platform
@@ -11,7 +11,7 @@ import torch
 from conftest import CPU_NATIVE_BF16, CPU_PRECISION, compose_train_in
 from test_train import scalars
 
-from gpt2lab.fastpath import cpu_has_native_bf16, tune_malloc
+from gpt2lab.accelerator import cpu_has_native_bf16, resolve_accelerator, tune_malloc
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.train import train
 
@@ -23,6 +23,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cpu_bf16_is_the_default_exactly_where_the_cpu_has_bf16_instructions(compose_train):
     assert cpu_has_native_bf16() == CPU_NATIVE_BF16
     cfg = compose_train("accelerator=cpu")
+    resolve_accelerator(cfg.accelerator)
     assert cfg.accelerator.precision == CPU_PRECISION
     assert cfg.accelerator.compile is False and cfg.accelerator.malloc.mmap_max == 0
 
@@ -47,6 +48,7 @@ def test_default_cpu_bf16_follows_the_fp32_loss_curve(tmp_path, data_dir):
 
 def test_cuda_preset_is_bf16_tf32_compiled(compose_train):
     cfg = compose_train("accelerator=cuda")
+    resolve_accelerator(cfg.accelerator)
     assert (cfg.accelerator.precision, cfg.accelerator.compile, cfg.accelerator.matmul_precision) == (
         "bf16-mixed", True, "high",
     )  # fmt: skip
@@ -58,7 +60,7 @@ def rss_after_freeing(malloc: str, in_thread: bool = False) -> tuple[int, int]:
     freed in the main thread, or in another one)."""
     code = f"""
 import threading, torch, resource
-from gpt2lab.fastpath import tune_malloc
+from gpt2lab.accelerator import tune_malloc
 {malloc}
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 def measure():
