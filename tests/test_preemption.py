@@ -16,6 +16,7 @@ import torch
 from conftest import compose_train_in
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gpt2lab.errors import RunRequeued
 from gpt2lab.train import RunStopped, train
 
 N = 6  # optimizer steps
@@ -108,7 +109,7 @@ def test_slurm_sigusr1_requeues_the_job_which_resumes_by_itself(
         monkeypatch.setenv(key, value)
 
     run_dir = tmp_path / "run"  # the same dir on requeue (a SLURM job's run dir is named after its id)
-    with pytest.raises(RunStopped, match=r"interrupted by SIGUSR1 after step 4"):
+    with pytest.raises(RunRequeued, match=r"interrupted by SIGUSR1 after step 4"):  # not the end of the job
         train(compose_train_in(run_dir, data_dir, *RUN, signal_at(4, 1, "SIGUSR1")))  # in step 4's last micro-batch
     assert calls.read_text().split("\n")[0] == "requeue 4242"
     assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4

@@ -1,19 +1,23 @@
-"""The two OmegaConf resolvers conf/ uses (registered by register_resolvers, which every entry point calls
-before Hydra composes) and the checks run on a composed config before any work starts."""
+"""What a run knows of its config: its run dir name and, in a multirun, what the sweep varies (the OmegaConf
+resolvers conf/ uses, registered by register_resolvers, which every entry point calls before Hydra composes);
+the schema of `train`, and the checks run on a composed config before any work starts."""
 
 import os
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import check_attention
-from gpt2lab.sweep import if_multirun, sweep_run_name
 
 
 def slurm_job_id() -> str | None:
@@ -32,9 +36,53 @@ def new_run_name() -> str:
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def if_multirun(in_a_multirun: str, otherwise: str) -> str:
+    """${gpt2lab.if_multirun:a,b}: a in a multirun's job, else b (a single run, or outside Hydra)."""
+    return in_a_multirun if in_multirun() else otherwise
+
+
+def swept_keys() -> set[str]:
+    """The keys this multirun varies: those its command line or hydra.sweeper.params give several values (`a=1,2`,
+    choice(), range(), interval()). A job's config holds only its own values; the sweep's are in the config the
+    sweeper saved before the first job, <sweep dir>/multirun.yaml."""
+    hydra = HydraConfig.get()
+    saved = Path(hydra.sweep.dir, "multirun.yaml")
+    sweep = OmegaConf.load(saved).hydra if saved.is_file() else hydra
+    params = [f"{key}={value}" for key, value in (sweep.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *sweep.overrides.task])
+    is_swept = {o.key_or_group: o.is_sweep_override() for o in overrides}  # the last of a key wins, as in the sweeper
+    return {key for key, swept in is_swept.items() if swept}
+
+
+def swept_overrides() -> dict[str, str]:
+    """This job's overrides of the keys its multirun varies, {key: `key=value` as Hydra writes it}, in the order of
+    Hydra's override_dirname; {} for a single run."""
+    if not in_multirun():
+        return {}
+    keys = swept_keys()
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return {
+        o.key_or_group: o.input_line for o in sorted(overrides, key=lambda o: o.input_line) if o.key_or_group in keys
+    }
+
+
+def sweep_run_name() -> str:
+    """A multirun job's name (hydra.sweep.subdir: its dir, and so its TensorBoard run): what the sweep varies
+    (`init=gpt2,optim.lr=0.001`), no job number and no override every job shares, so that the same run keeps its
+    name when the sweep runs again; the job number when nothing varies. "" for a single run or outside Hydra."""
+    if not in_multirun():
+        return ""
+    return ",".join(swept_overrides().values()).replace("/", "_") or str(HydraConfig.get().job.num)  # not nested
+
+
 def register_resolvers() -> None:
-    """${gpt2lab.run_name:} (hydra.run.dir) and ${gpt2lab.sweep_run_name:} (the TensorBoard run name): what
-    no built-in resolver knows. Every entry point calls this before Hydra composes; calling it again is harmless."""
+    """${gpt2lab.run_name:} (hydra.run.dir), ${gpt2lab.sweep_run_name:} (a multirun job's dir) and
+    ${gpt2lab.if_multirun:a,b} (conf/logger): what no built-in resolver knows. Every entry point calls this before
+    Hydra composes; calling it again is harmless."""
     OmegaConf.register_new_resolver("gpt2lab.run_name", new_run_name, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("gpt2lab.sweep_run_name", sweep_run_name, replace=True)
     OmegaConf.register_new_resolver("gpt2lab.if_multirun", if_multirun, replace=True)

@@ -21,20 +21,33 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, not gpt2lab's, of another format or of another model size."""
 
 
+def user_error_message(error: BaseException) -> str | None:
+    """The one line a script prints for `error` when a UserError caused it; None for anything else (a bug)."""
+    cause = error
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__  # Hydra's instantiate wraps what a constructor raises
+    if cause is None:
+        return None
+    kind = "config error" if isinstance(cause, ConfigError) else "error"
+    return f"{kind}: {cause}"
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """For scripts' main(): a UserError ends the process with its message on one line and exit status 1."""
     try:
         yield
     except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__  # Hydra's instantiate wraps what a constructor raises
-        if cause is None:
+        message = user_error_message(e)
+        if message is None:
             raise  # a bug: its traceback
-        kind = "config error" if isinstance(cause, ConfigError) else "error"
-        raise SystemExit(f"{kind}: {cause}") from None
+        raise SystemExit(message) from None
 
 
 class RunStopped(SystemExit):
     """Training ended early (a signal, a non-finite step) after saving a checkpoint: exits non-zero."""
+
+
+class RunRequeued(RunStopped):
+    """Stopped for SLURM to requeue the job (SIGUSR1 before its time limit): the same job starts again and resumes
+    from last.ckpt, so a sweep must not count this run as ended (its launcher waits for the requeued job)."""

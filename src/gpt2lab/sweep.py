@@ -1,22 +1,27 @@
-"""Sweeps: each run's TensorBoard name and HParams entry, and the summary of a whole sweep dir (a table of
-each run's overrides, final and best val/loss, tokens seen and wall time; the val-loss curves of all runs in
-one plot), written by `scripts/summarize.py` or by the Hydra callback when a multirun ends."""
+"""Sweeps: how each run of a multirun is named (by what the sweep varies: its dir and TensorBoard run), how it
+ends (status.json: a run that stops or fails is recorded and the sweep goes on), its HParams entry, and the summary
+of a whole sweep dir (a table of each run's status, final and best val/loss, tokens seen and wall time; the val-loss
+curves of all runs in one plot), written by `scripts/summarize.py` or by the Hydra callback when a multirun ends."""
 
 import csv
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from gpt2lab.errors import DataError
+from gpt2lab.config import in_multirun, swept_overrides
+from gpt2lab.errors import DataError, RunRequeued, RunStopped, user_error_message
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +31,9 @@ SUMMARY_FILES = ("summary.csv", "summary.md", "val_loss.png")
 NOT_HPARAMS = ("hydra", "callbacks", "logger")  # config groups that do not change what a run learns
 
 
-def sweep_run_name() -> str:
-    """The run's overrides (`model=tiny,optim.lr=0.001`) in a multirun, so that TensorBoard over a sweep
-    dir tells the runs apart by what differs; "" for a single run or outside Hydra (tests, notebooks)."""
-    if not HydraConfig.initialized():
-        return ""
-    hydra = HydraConfig.get()
-    return hydra.job.override_dirname if hydra.mode == RunMode.MULTIRUN else ""
-
-
 RUN_STATUS_FILE = "status.json"  # in a run dir: how the run ended (write_run_status)
 RUN_STATUSES = ("completed", "stopped", "failed", "pruned")
+WENT_WELL = ("completed", "pruned")  # a pruned run is the search's choice, not a failure
 
 
 def write_run_status(run_dir: str | Path, status: str, detail: str | None = None) -> None:
@@ -47,10 +44,66 @@ def write_run_status(run_dir: str | Path, status: str, detail: str | None = None
     Path(run_dir, RUN_STATUS_FILE).write_text(json.dumps({"status": status, "detail": detail}) + "\n")
 
 
+def read_run_status(run_dir: Path) -> str:
+    """`completed`, `stopped: <reason>`, `failed: <error>`, …; `unknown` without status.json (a run killed before
+    it could write one, or one from before status.json)."""
+    path = run_dir / RUN_STATUS_FILE
+    if not path.is_file():
+        return "unknown"
+    record = json.loads(path.read_text())
+    return f"{record['status']}: {record['detail']}" if record.get("detail") else record["status"]
+
+
+def how_it_ended(error: BaseException) -> tuple[str, str]:
+    """A run's status and its detail, on one line, from what ended it."""
+    if isinstance(error, RunStopped):  # SafeStop's "stopped at step 4: <fault> (loss …); <advice>.\nResume with: …"
+        return "stopped", str(error).splitlines()[0].split("; ")[0].removeprefix("stopped ").rstrip(".")
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "stopped", "interrupted"
+    lines = str(error).strip().splitlines()
+    return "failed", user_error_message(error) or ": ".join([type(error).__name__, *lines[:1]])
+
+
+@contextmanager
+def recording_run_end() -> Iterator[None]:
+    """Around a Hydra job's training: record how it ended in its run dir's status.json, for the sweep summary.
+
+    In a multirun, a run that stops (RunStopped: a non-finite step, a signal), fails on its config (a UserError) or
+    raises anything else is logged, recorded, and the sweep goes on to its next run: Hydra's run_job catches only
+    Exception, and its BasicSweeper re-raises the first failed job's after the last, so one run would end the sweep
+    (and skip its summary). A second Ctrl-C ends the whole sweep (Lightning turns it into a plain SystemExit). A
+    run stopped for a SLURM requeue (RunRequeued) raises on: its job has not ended, and a submitit launcher
+    that got a result would take it as final. A single run raises as before. A status the run wrote itself (a search's pruner) stands, and its exception, if
+    any, goes on to the sweeper."""
+    if not HydraConfig.initialized():
+        yield
+        return
+    hydra = HydraConfig.get()
+    status_file = Path(hydra.runtime.output_dir, RUN_STATUS_FILE)
+    status_file.unlink(missing_ok=True)  # a run resumed in its dir: its last end is history
+    try:
+        yield
+    except BaseException as error:
+        if status_file.exists():
+            raise
+        write_run_status(status_file.parent, *how_it_ended(error))
+        if not in_multirun() or isinstance(error, RunRequeued) or not isinstance(error, (RunStopped, Exception)):
+            if in_multirun():
+                log.warning("sweep interrupted: `python scripts/summarize.py %s` summarizes its runs", hydra.sweep.dir)
+            raise
+        report = str(error) if isinstance(error, RunStopped) else user_error_message(error)
+        log.error("%s\nrecorded in %s; the sweep goes on", report or "run failed", status_file, exc_info=not report)
+    else:
+        if not status_file.exists():
+            write_run_status(status_file.parent, "completed")
+
+
 def run_hparams(cfg: DictConfig) -> dict:
-    """What a sweep varies, flat: the chosen config of each group and the values of the knobs."""
+    """What a sweep varies, flat: the swept keys first (with this run's values), then the chosen config of each
+    group and the values of the knobs."""
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    hparams = {group: choice for group, choice in choices.items() if group.split("/")[0] not in NOT_HPARAMS and choice}
+    hparams = {key: choices[key] if key in choices else OmegaConf.select(cfg, key) for key in swept_overrides()}
+    hparams |= {group: choice for group, choice in choices.items() if group.split("/")[0] not in NOT_HPARAMS and choice}
     for section in ("model", "init", "optim", "scheduler"):
         values = OmegaConf.to_container(cfg[section], resolve=True)
         hparams |= {f"{section}.{k}": v for k, v in values.items() if not k.startswith("_")}
@@ -60,17 +113,31 @@ def run_hparams(cfg: DictConfig) -> dict:
 
 
 def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float, tokens_seen: int) -> None:
-    """Record the run's hyperparameters with its final metrics, for TensorBoard's HParams tab."""
+    """Record the run's final metrics at its last step, and its hyperparameters beside them for TensorBoard's
+    HParams tab, the swept ones marked as those that differ: the tab sorts them first (its default order is by name,
+    which puts `accelerator` first)."""
     metrics = dict(zip(FINAL_METRICS, (val_loss, tokens_seen)))
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in run_hparams(cfg).items()}
+    swept = swept_overrides()
+    experiment, session_start, session_end = hparams_summaries(hparams, metrics)
+    plugin_data = experiment.value[0].metadata.plugin_data
+    content = HParamsPluginData.FromString(plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in swept
+    plugin_data.content = content.SerializeToString()
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(run_hparams(cfg), metrics)
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams writes them
+            for summary in (experiment, session_start, session_end):
+                writer.add_summary(summary, trainer.global_step)
 
 
 @dataclass
 class RunSummary:
     run: str  # the run's dir, relative to the sweep dir
     overrides: str  # those that differ between the sweep's runs
+    status: str  # completed, stopped: <reason>, failed: <error>, pruned: <when> (read_run_status)
     final_val_loss: float | None
     best_val_loss: float | None
     tokens_seen: int | None
@@ -78,10 +145,11 @@ class RunSummary:
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
-    """Every Hydra job dir under sweep_dir, in job order (0, 1, …, 10, not 0, 1, 10)."""
+    """Every Hydra job dir under sweep_dir, in the order the sweep started them (hydra.job.num: 0, 1, …, 10)."""
 
-    def job_order(run_dir: Path) -> list[tuple]:
-        return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in run_dir.relative_to(sweep_dir).parts]
+    def job_order(run_dir: Path) -> tuple[int, str]:
+        num = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.get("num")
+        return num if isinstance(num, int) else -1, str(run_dir)
 
     return sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")), key=job_order)
 
@@ -115,6 +183,7 @@ def summarize_run(run_dir: Path, sweep_dir: Path) -> tuple[RunSummary, list[tupl
     row = RunSummary(
         run=str(run_dir.relative_to(sweep_dir)),
         overrides=overrides,
+        status=read_run_status(run_dir),
         final_val_loss=val_loss[-1][1] if val_loss else None,
         best_val_loss=min(v for _, v, _ in val_loss) if val_loss else None,
         tokens_seen=int(tokens[-1][1]) if tokens else None,
@@ -165,8 +234,10 @@ def markdown_table(rows: list[RunSummary]) -> str:
         return f"{value:,}" if isinstance(value, int) else str(value)
 
     fields = list(asdict(rows[0]))
+    if all(r.overrides == r.run for r in rows):  # a run dir named by what its sweep varies (sweep_run_name)
+        fields.remove("overrides")
     lines = ["| " + " | ".join(fields) + " |", "|" + " --- |" * len(fields)]
-    lines += ["| " + " | ".join(cell(f, v) for f, v in asdict(r).items()) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(f, getattr(r, f)) for f in fields) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -183,7 +254,8 @@ def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]],
     for row, curve in zip(rows, curves):
         if curve:
             steps, values = zip(*curve)
-            ax.plot(steps, values, marker="o", markersize=3, label=row.overrides or row.run)
+            ended = "" if row.status == "completed" else f" ({row.status.split(':')[0]})"
+            ax.plot(steps, values, marker="o", markersize=3, label=(row.overrides or row.run) + ended)
     ax.set(xlabel="optimizer step", ylabel=VAL_LOSS, title=f"{path.parent.name}: {len(rows)} runs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -193,7 +265,12 @@ def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]],
 
 
 class SummarizeSweep(Callback):
-    """Hydra callback: when a multirun ends, summarize its sweep dir (see `summarize`)."""
+    """Hydra callback: when a multirun ends, summarize its sweep dir (see `summarize`); if some of its runs did not
+    complete, exit non-zero saying how many (Hydra lets a SystemExit from a callback through)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        summarize(config.hydra.sweep.dir)
+        rows = summarize(config.hydra.sweep.dir)
+        failed = [row for row in rows if row.status.split(":")[0] not in WENT_WELL]
+        if failed:
+            summary = Path(config.hydra.sweep.dir, SUMMARY_FILES[1])
+            raise SystemExit(f"{len(failed)} of {len(rows)} runs failed: {summary}")

@@ -7,7 +7,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from gpt2lab.config import OnNonFinite, slurm_job_id
-from gpt2lab.errors import RunStopped
+from gpt2lab.errors import RunRequeued, RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class SafeStop(Callback):
         self.on_nonfinite = OnNonFinite(on_nonfinite)
         self.reason: str | None = None
         self._signal: str | None = None
+        self._requeue = False  # SIGUSR1 reached some rank: rank 0 requeues the job
         self._previous_handlers: dict = {}
 
     def _on_signal(self, signum, frame) -> None:
@@ -61,6 +62,8 @@ class SafeStop(Callback):
         if not (fault or signalled):
             return
         trainer.should_stop = True
+        if signalled:  # SLURM signals each node's tasks on its own: rank 0 may not have SIGUSR1 (yet)
+            self._requeue = trainer.strategy.reduce_boolean_decision(self._signal == "SIGUSR1", all=False)
         if fault:
             self.reason = (
                 f"stopped at step {report.step}: {fault} (loss {report.loss:.4g}, grad norm {report.grad_norm:.4g}, "
@@ -76,7 +79,7 @@ class SafeStop(Callback):
             return
         # last.ckpt of this step is written: Checkpoint callbacks ran at its end
         run_dir = trainer.default_root_dir
-        if self._signal == "SIGUSR1" and trainer.is_global_zero:
+        if self._requeue and trainer.is_global_zero:
             job = slurm_job_id()
             try:
                 done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -85,9 +88,10 @@ class SafeStop(Callback):
                 problem = str(e)
             if problem:
                 log.error("`scontrol requeue %s` failed (%s): resume by hand (below)", job, problem)
+                self._requeue = False
             else:
                 log.info("requeued SLURM job %s: it resumes from last.ckpt in %s", job, run_dir)
-        raise RunStopped(
+        raise (RunRequeued if self._requeue else RunStopped)(
             f"{self.reason}.\nCheckpoint: {run_dir}/checkpoints/last.ckpt\nResume with: python scripts/train.py "
             f"<the same overrides> ckpt_path=last hydra.run.dir={run_dir}"
         )

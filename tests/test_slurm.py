@@ -1,0 +1,197 @@
+"""SLURM rehearsed on this machine, with no cluster: one job of 2 tasks started the way `srun` starts it (each task
+the same `scripts/train.py trainer=slurm` command with the SLURM variables srun gives it), pre-empted by SIGUSR1,
+requeued and resumed; and a sweep through hydra-submitit-launcher's local executor (the SLURM launcher's
+pickled jobs, job folders and collected results, without sbatch). What only a real cluster shows is in the
+README's Sweeps section."""
+
+import csv
+import os
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_train_in
+from test_preemption import SignalMidStep, scalars
+
+from gpt2lab.sweep import read_events, run_dirs, scalar_series
+from gpt2lab.train import train
+
+TASKS, B, T = 2, 2, 32  # a job of 2 tasks on 1 node, each with a micro-batch of B windows of T tokens
+N, K = 4, 2  # optimizer steps: the whole run, and the step during which SIGUSR1 arrives
+# fp32 on every CPU: the comparison with one process is of float32 sums in two orders (as in test_ddp)
+RUN = ["model=tiny", "accelerator=cpu", "accelerator.precision=32-true", f"data.seq_len={T}", "data.val_batches=1",
+       f"trainer.max_steps={N}", "train.val_every_n_steps=2", "~callbacks.text_samples"]  # fmt: skip
+# set by launchers other than srun; inherited, they would make Lightning pick another cluster environment
+OTHER_LAUNCHERS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                        "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+class SignalOnRank(SignalMidStep):
+    """SLURM's SIGUSR1 reaching one task of the job first (each node's slurmstepd signals its own tasks): sent to
+    the task of global rank `rank` only, from the forward pass of optimizer step `step`."""
+
+    def __init__(self, rank: int, step: int):
+        super().__init__(["SIGUSR1"], step, micro=0)
+        self.rank = rank
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == self.rank:
+            super().on_train_start(trainer, pl_module)
+
+
+SIGUSR1_ON_RANK_1 = f"+callbacks.usr1={{_target_:test_slurm.SignalOnRank,rank:1,step:{K}}}"
+
+
+def job_id_with_a_free_port() -> str:
+    """A job id whose rendezvous port is free here. Under srun nobody sets MASTER_PORT: SLURMEnvironment takes
+    15000 + the job id's last four digits (and MASTER_ADDR: the first host of SLURM_NODELIST)."""
+    for _ in range(100):
+        port = random.randint(15000, 24999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return f"7{port - 15000:04d}"
+    raise RuntimeError("no free port in 15000-24999")
+
+
+def srun_task_env(job_id: str, rank: int, bin_dir: Path) -> dict[str, str]:
+    """The environment srun gives task `rank` of a job of `sbatch --nodes=1 --ntasks-per-node=2` on this host."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in OTHER_LAUNCHERS_VARS}
+    return env | {
+        "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "train",  # not "bash"/"interactive": Lightning ignores those
+        "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_NTASKS": str(TASKS), "SLURM_NTASKS_PER_NODE": str(TASKS), "SLURM_TASKS_PER_NODE": str(TASKS),
+        "SLURM_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "1",  # 2 tasks on this machine's 2 cores
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # the stand-in scontrol
+        "PYTHONPATH": f"{ROOT / 'tests'}",  # SignalOnRank
+    }  # fmt: skip
+
+
+def srun(job_id: str, bin_dir: Path, out_dir: Path, *overrides: str) -> list[tuple[int, str]]:
+    """Start the job's tasks as srun does (the same command, each its own SLURM_PROCID), wait for all of them;
+    (exit status, output) of each task."""
+    cmd = [sys.executable, "scripts/train.py", "trainer=slurm", *overrides]
+    out_dir.mkdir(parents=True)
+    outputs = [out_dir / f"task{rank}.out" for rank in range(TASKS)]
+    tasks = []
+    for rank, output in enumerate(outputs):
+        with output.open("w") as out:  # a file, not a pipe: a full pipe would stall the task and its peer
+            env = srun_task_env(job_id, rank, bin_dir)
+            tasks.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        for task in tasks:
+            task.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # e.g. a rendezvous never met: the tests fail on what the tasks wrote
+        pass
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+                task.wait()
+    return [(task.returncode, output.read_text()) for task, output in zip(tasks, outputs)]
+
+
+@dataclass
+class Job:
+    id: str
+    runs_dir: Path
+    single: Path  # the run of one process with twice the batch
+    first: list[tuple[int, str]]  # each task's exit status and output, as SIGUSR1 stopped them
+    steps_first: list[int]  # the train/loss steps logged when it stopped
+    requeued: list[tuple[int, str]]  # the same job started again, as after `scontrol requeue`
+    scontrol_calls: list[str]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / f"slurm_{self.id}"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, data_dir) -> Job:
+    root = tmp_path_factory.mktemp("slurm")
+    single = root / "single"
+    train(compose_train_in(single, data_dir, *RUN, f"data.batch_size={TASKS * B}"))  # also prepares the data
+    bin_dir, calls = root / "bin", root / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    job_id, runs_dir = job_id_with_a_free_port(), root / "runs"
+    # no hydra.run.dir: each task names its run dir after the job (slurm_<id>)
+    command = [*RUN, f"data.batch_size={B}", f"paths.data_dir={data_dir}", f"paths.runs_dir={runs_dir}"]
+    first = srun(job_id, bin_dir, root / "first", *command, SIGUSR1_ON_RANK_1)
+    steps_first = [s for s, _ in scalars(runs_dir / f"slurm_{job_id}", "train/loss")]
+    requeued = srun(job_id, bin_dir, root / "requeued", *command, SIGUSR1_ON_RANK_1)  # requeued: the same command
+    calls = calls.read_text().splitlines() if calls.exists() else []
+    return Job(job_id, runs_dir, single, first, steps_first, requeued, calls)
+
+
+@pytest.mark.slow
+def test_lightning_takes_its_ranks_from_slurm_and_starts_no_process_of_its_own(job):
+    for launch in (job.first, job.requeued):
+        for rank, (_, output) in enumerate(launch):
+            # Lightning's own lines: one process group member per task (a process Lightning started itself
+            # would write to its parent's output), ranked by SLURM_PROCID, and its SLURM environment
+            joined = [line for line in output.splitlines() if line.startswith("Initializing distributed")]
+            assert joined == [f"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{TASKS}"], output
+            assert "SLURM auto-requeueing enabled" in output
+    # every task of both launches ran in the job's dir: Hydra made no other
+    assert [p.name for p in job.runs_dir.iterdir()] == [job.run_dir.name]
+
+
+@pytest.mark.slow
+def test_sigusr1_on_one_task_stops_every_task_after_the_same_step_and_requeues_the_job_once(job):
+    for rank, (status, output) in enumerate(job.first):
+        assert status == 1, output
+        assert f"after step {K}." in output and "Resume with:" in output
+    assert job.steps_first == list(range(1, K + 1))  # the step under way finished; no later one started
+    assert job.scontrol_calls == [f"requeue {job.id}"]  # by rank 0, which did not receive the signal itself
+
+
+@pytest.mark.slow
+def test_the_requeued_job_resumes_by_itself_and_trains_like_one_process_with_twice_the_batch(job):
+    for status, output in job.requeued:
+        assert status == 0, output
+        assert f"SLURM job {job.id} was requeued: resuming from {job.run_dir}/checkpoints/last.ckpt" in output
+    assert torch.load(job.run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == N
+    # both launches' steps, each once: 1..K before the signal, K+1..N after the requeue, with the optimizer's
+    # state carried over (resumed with a fresh AdamW, the loss of step K+2 is ~2e-2 off)
+    for tag in ("train/loss", "val/loss"):
+        job_curve, single_curve = scalars(job.run_dir, tag), scalars(job.single, tag)
+        assert [s for s, _ in job_curve] == [s for s, _ in single_curve] and job_curve[-1][0] == N
+        # the same updates in exact arithmetic: DDP averages the two ranks' mean gradients; float32 sums in
+        # another order differ by ~1e-7 relative (see test_ddp for the tolerance)
+        assert [v for _, v in job_curve] == pytest.approx([v for _, v in single_curve], abs=1e-4), tag
+
+
+@pytest.mark.slow
+def test_a_sweep_through_submitit_runs_each_run_as_a_job_and_summarizes_them(tmp_path, data_dir):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "scripts/train.py", "-m", "hydra/launcher=local", "hydra.launcher.timeout_min=5",
+           f"hydra.sweep.dir={sweep_dir}", f"paths.data_dir={data_dir}", *RUN, f"data.batch_size={B}",
+           "trainer.max_steps=2", "optim.lr=1e-3,2e-3"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # the two jobs run at once, on this machine's 2 cores
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # submitit ran each run as a job of its own: its folder, with the pickled result it sent back
+    jobs = [d for d in (sweep_dir / ".submitit").iterdir() if d.name.isdigit()]
+    assert len(jobs) == 2 and all(len(list(d.glob("*_result.pkl"))) == 1 for d in jobs)
+    runs = run_dirs(sweep_dir)
+    assert len(runs) == 2
+    final_val_loss = {}
+    for run in runs:
+        assert (run / "checkpoints/last.ckpt").is_file()
+        val_loss = scalar_series(read_events(run), "val/loss")  # from the run's TensorBoard events
+        assert [step for step, _, _ in val_loss] == [2]
+        final_val_loss[str(run.relative_to(sweep_dir))] = val_loss[-1][1]
+    with (sweep_dir / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["run"]: float(r["final_val_loss"]) for r in rows} == pytest.approx(final_val_loss)
+    assert sorted(r["overrides"] for r in rows) == ["optim.lr=0.001", "optim.lr=0.002"]
