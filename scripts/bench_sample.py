@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from gpt2lab import tokenizer
 from gpt2lab.accelerator import detect_device
+from gpt2lab.config import register_resolvers
 from gpt2lab.model import GPT
 from gpt2lab.sample import generate
 
@@ -28,6 +29,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def build_model(name: str, device: str) -> GPT:
     """model=<name> as training builds it, from the real configs."""
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}"])
     model = GPT(instantiate(cfg.model))

@@ -1,5 +1,6 @@
 """Export a checkpoint to Hugging Face: `python scripts/export_hf.py ckpt=outputs/runs/<run> out=gpt2-mine`
-(see conf/export_hf.yaml); then `transformers.GPT2LMHeadModel.from_pretrained("gpt2-mine")`."""
+(see conf/export_hf.yaml); then `transformers.GPT2LMHeadModel.from_pretrained("gpt2-mine")`. A design-switch variant
+that GPT2LMHeadModel cannot hold (any but model.tie_embeddings=false) is refused, naming the switch."""
 
 import logging
 

@@ -23,7 +23,7 @@ def test_every_group_has_options():
 
 
 # `# @package _global_` groups: they set keys all over the config, not a node of their own
-GLOBAL_GROUPS = {"experiment", "hparams_search"}
+GLOBAL_GROUPS = {"experiment", "hparams_search", "ablation"}
 # options that take values from another choice, composed with it
 COMPOSED_WITH = {("trainer", "slurm"): ["hydra/launcher=slurm"]}
 

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.model import check_attention
+from gpt2lab.model import GPTConfig, check_attention
 
 
 def slurm_job_id() -> str | None:
@@ -107,6 +107,18 @@ class TrainSchema:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainSchema, package="train")
+
+
+@dataclass
+class ModelSchema(GPTConfig):
+    """conf/train.yaml's `model` node: GPTConfig's fields, defaults and types (its design switches default to
+    GPT-2's choices), written once, in model.py: `model.position=rope` is a plain override, and a mistyped key or
+    value type fails as Hydra composes. The sizes come from conf/model/*.yaml."""
+
+    _target_: str = "gpt2lab.model.GPTConfig"
+
+
+ConfigStore.instance().store(name="model_schema", node=ModelSchema, package="model")
 
 
 # Types of the keys that, mistyped, would otherwise fail deep inside Lightning or torch. (Their groups

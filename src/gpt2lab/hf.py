@@ -7,6 +7,7 @@ every format it reads (safetensors, .bin, sharded) works, and what we write is e
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,10 +18,12 @@ from gpt2lab.model import GPT, GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
-TIED = ("transformer.wte.weight", "lm_head.weight")  # one tensor, vocabulary rows first
+TIED = ("transformer.wte.weight", "lm_head.weight")  # one tensor (two with tie_embeddings=false), vocabulary rows first
 # the hub's GPT-2 checkpoints and the conf/model option of the same size
 HUB_MODELS = {"gpt2": "small", "gpt2-medium": "medium", "gpt2-large": "large", "gpt2-xl": "xl"}
 ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # the GPTConfig fields a checkpoint fixes
+# design switches GPT2LMHeadModel has no place for: only GPT-2's own choice (GPTConfig's default) converts
+GPT2_ONLY = ("position", "norm_placement", "norm", "qk_norm", "activation")
 
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -71,6 +74,18 @@ def check_gpt2_source(name_or_dir: str | os.PathLike) -> None:
         )
 
 
+def check_gpt2_architecture(config: GPTConfig, what: str) -> None:
+    """Fail naming the switch unless config is an architecture GPT2LMHeadModel holds: GPT-2's own (the output
+    layer may be untied: GPT2Config.tie_word_embeddings=false)."""
+    gpt2 = {f.name: f.default for f in fields(GPTConfig)}
+    for name in GPT2_ONLY:
+        if getattr(config, name) != gpt2[name]:
+            raise CheckpointError(
+                f"{what}: model.{name}={getattr(config, name)!r} is not GPT-2's {gpt2[name]!r}, and Hugging Face's "
+                "GPT2LMHeadModel cannot hold it; only a model with GPT-2's choices converts"
+            )
+
+
 def config_from_hf(hf_config, source: str) -> GPTConfig:
     """Our GPTConfig for a transformers GPT2Config, after checking it is the architecture we implement."""
     # (field, what ours computes): variants GPT2Config can express that this model does not
@@ -80,7 +95,6 @@ def config_from_hf(hf_config, source: str) -> GPTConfig:
         "layer_norm_epsilon": (1e-5,),
         "scale_attn_weights": (True,),
         "scale_attn_by_inverse_layer_idx": (False,),
-        "tie_word_embeddings": (True,),
     }
     for field, allowed in ours.items():
         if getattr(hf_config, field, allowed[0]) not in allowed:
@@ -94,6 +108,7 @@ def config_from_hf(hf_config, source: str) -> GPTConfig:
         n_layer=hf_config.n_layer,
         n_head=hf_config.n_head,
         n_embd=hf_config.n_embd,
+        tie_embeddings=getattr(hf_config, "tie_word_embeddings", True),
     )
 
 
@@ -140,6 +155,7 @@ def load_pretrained(name_or_dir: str | os.PathLike) -> GPT:
 def init_from_pretrained(model: GPT, name: str) -> None:
     """`init=pretrained`: overwrite the freshly built model with GPT-2 weights, to fine-tune them. The
     model=... config must be the checkpoint's size; model.pad_vocab=true is allowed."""
+    check_gpt2_architecture(model.config, f"init=pretrained (init.name={name!r})")
     pretrained = load_pretrained(name)
     found, expected = pretrained.config, model.config
     differ = [f"{k}={getattr(found, k)} (model.{k}={getattr(expected, k)})" for k in ARCHITECTURE
@@ -152,27 +168,32 @@ def init_from_pretrained(model: GPT, name: str) -> None:
             f"init.name={name!r} holds a model of another size than this run builds: {', '.join(differ)}; "
             f"shapes {shapes}. Use {hint}"
         )
+    if expected.tie_embeddings and not found.tie_embeddings:  # tied to untied is fine: both matrices start as wte
+        raise CheckpointError(
+            f"init.name={name!r} has an output layer of its own (tie_word_embeddings=false), which a tied model "
+            "would drop: set model.tie_embeddings=false"
+        )
     state_dict = pretrained.state_dict()
     padding = expected.padded_vocab_size - found.vocab_size
     if padding:
         # rows of tokens that never occur: the mean embedding puts their logits at the mean of the real
         # ones, far below the likely tokens (zero rows would score 0, above most of GPT-2's negative logits)
-        wte = state_dict["transformer.wte.weight"]
-        padded = torch.cat([wte, wte.mean(dim=0, keepdim=True).expand(padding, -1)])
-        state_dict = {**state_dict, **{k: padded for k in TIED}}
+        for k in TIED:  # each from its own rows: two matrices with tie_embeddings=false
+            state_dict[k] = torch.cat([state_dict[k], state_dict[k].mean(dim=0, keepdim=True).expand(padding, -1)])
     load_weights(model, state_dict, f"init.name={name!r}")
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a directory that transformers.GPT2LMHeadModel.from_pretrained loads, with the padded
     vocabulary rows (model.pad_vocab) trimmed back to the tokenizer's vocab_size."""
-    transformers = _transformers()
     c = model.config
+    check_gpt2_architecture(c, "cannot export to Hugging Face")
+    transformers = _transformers()
     eot = tokenizer.EOT_ID if c.vocab_size > tokenizer.EOT_ID else None  # when the vocabulary is GPT-2's
     hf_config = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
-        bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"],
+        bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"], tie_word_embeddings=c.tie_embeddings,
     )  # fmt: skip
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k in TIED:

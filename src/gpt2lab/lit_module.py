@@ -1,7 +1,7 @@
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from functools import partial
 
 import lightning as L
@@ -10,12 +10,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from gpt2lab.errors import CheckpointError
+from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.metrics import unseen_token_mask, validation_metrics
 from gpt2lab.model import GPT, GPTConfig
 
 # bump when what a checkpoint holds changes; see on_load_checkpoint. 2: a train batch is one optimizer step
 CHECKPOINT_FORMAT = 2
+HIDDEN_LAYERS = "transformer.h."  # the blocks' parameters: optim=muon takes their matrices
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> float:
@@ -91,8 +92,10 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         start = time.perf_counter()
         xs, ys = batch  # (A, B, T) each: the A micro-batches of this optimizer step
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        lr = optimizer.param_groups[0]["lr"]
+        optimizers, schedules = self.optimizers(), self.lr_schedulers()
+        if not isinstance(optimizers, list):  # optim=adamw: one optimizer; optim=muon: AdamW, then Muon
+            optimizers, schedules = [optimizers], [schedules]
+        lr = optimizers[0].param_groups[0]["lr"]  # AdamW's (optim=muon: Muon's follows the same schedule)
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(zip(xs, ys)):
             self._ddp_sync(i == len(xs) - 1)
@@ -102,21 +105,25 @@ class GPTModule(L.LightningModule):
         step_loss = self.trainer.strategy.reduce(loss_sum / len(xs), reduce_op="mean")  # over ranks
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 only
         if scaler is not None:
-            scaler.unscale_(optimizer.optimizer)  # the true gradients, to measure and clip
+            scaler.unscale_(optimizers[0].optimizer)  # the true gradients, to measure and clip (fp16: AdamW alone)
         params = [p for p in self.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
         if self.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, grad_norm)
-        if optimizer.optimizer.defaults.get("fused"):
+        if all(optimizer.optimizer.defaults.get("fused") for optimizer in optimizers):
             # a NaN/inf step is withheld on the device, with no host sync: the fused AdamW skips every update
             # (and its step count) when found_inf is 1, as for fp16 overflows, where the scaler sets it instead
-            optimizer.optimizer.found_inf = (~finite).float()
-        elif not finite:  # other optimizers: a host sync; without gradients AdamW leaves every parameter as is
-            optimizer.zero_grad(set_to_none=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+            for optimizer in optimizers:
+                optimizer.optimizer.found_inf = (~finite).float()
+        elif not finite:  # others (Muon): a host sync; without gradients AdamW and Muon leave every parameter as is
+            self.model.zero_grad(set_to_none=True)
+        optimizers[0].step()  # Lightning counts each step of its optimizer wrapper as an optimizer step (global_step)
+        for optimizer in optimizers[1:]:  # so optim=muon's Muon steps unwrapped: one step counted, not two
+            optimizer.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+        for schedule in schedules:
+            schedule.step()
         step_loss, grad_norm = torch.stack([step_loss, grad_norm.float()]).tolist()  # the step's one sync
         report = StepReport(
             step=self.global_step, loss=step_loss, grad_norm=grad_norm, lr=lr,
@@ -142,9 +149,11 @@ class GPTModule(L.LightningModule):
         """val/loss (and the unused-token metrics) of the current weights, logged at this step: the mean over
         the same first val batches every time, and over ranks (each holds its own slice of each batch)."""
         self.model.eval()
-        metrics = validation_metrics(self.model, self.trainer.datamodule.val_loader(), self.unseen_tokens)
+        # the ranks' sums are added before dividing, so the logged split of val/loss adds up exactly
+        reduce_sums = partial(self.trainer.strategy.reduce, reduce_op="sum")
+        metrics = validation_metrics(self.model, self.trainer.datamodule.val_loader(), self.unseen_tokens, reduce_sums)
         self.model.train()
-        values = self.trainer.strategy.reduce(torch.stack(list(metrics.values())), reduce_op="mean").tolist()
+        values = torch.stack(list(metrics.values())).tolist()
         self.log_sparse(dict(zip(metrics, values)), prog_bar=("val/loss",))
 
     def log_sparse(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
@@ -157,17 +166,36 @@ class GPTModule(L.LightningModule):
             logger.log_metrics(metrics, step=self.global_step)
 
     def configure_optimizers(self):
+        make_adamw, make_muon = self.make_optimizer, self.make_optimizer.keywords.get("muon")
+        if make_muon:
+            # optim=muon nests Muon's partial in AdamW's config as optim.muon (conf/optim/muon.yaml), so that
+            # optim.lr and the other optim.* keys are AdamW's under either choice
+            keywords = {k: v for k, v in self.make_optimizer.keywords.items() if k != "muon"}
+            make_adamw = partial(self.make_optimizer.func, *self.make_optimizer.args, **keywords)
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        # Muon: the hidden layers' matrices (the blocks' attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj weights);
+        # embeddings, the output layer, biases and norm gains stay with AdamW (Jordan et al. 2024, modded-nanogpt)
+        hidden = {name for name, p in named if make_muon and p.dim() == 2 and name.startswith(HIDDEN_LAYERS)}
+        params = [p for name, p in named if name not in hidden]
         # any parameter that is 2D is weight decayed (matmul weights, embeddings); biases and
         # LayerNorm gains are not (build-nanogpt)
-        params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # the fused kernel does the update of all parameters in one launch; cuda, cpu and mps have it
-        optimizer = self.make_optimizer(groups, fused=self.device.type in ("cuda", "cpu", "mps"))
-        schedule = LambdaLR(optimizer, partial(self.lr_schedule, max_steps=self.trainer.max_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        optimizers = [make_adamw(groups, fused=self.device.type in ("cuda", "cpu", "mps"))]
+        if make_muon:
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                # Lightning's scaler would unscale and update once per optimizer: Muon's gradients twice
+                raise ConfigError("optim=muon with fp16 (16-mixed) is not supported: use bf16-mixed or 32-true")
+            optimizers.append(make_muon([p for name, p in named if name in hidden]))
+        lr_lambda = partial(self.lr_schedule, max_steps=self.trainer.max_steps)  # one schedule for both
+        configs = [
+            {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_lambda), "interval": "step"}}
+            for optimizer in optimizers
+        ]
+        return configs[0] if len(configs) == 1 else configs
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gpt2lab_format"] = CHECKPOINT_FORMAT
@@ -186,6 +214,8 @@ class GPTModule(L.LightningModule):
             )
         found = checkpoint.get("hyper_parameters", {}).get("model")
         expected = self.hparams["model"]
+        if isinstance(found, dict):  # a switch added since the checkpoint was written: it had the default
+            found = {f.name: f.default for f in fields(GPTConfig) if f.default is not MISSING} | found
         if found != expected:
             raise CheckpointError(
                 f"checkpoint is of another model: it holds {found}, this run builds {expected}; "

@@ -4,6 +4,11 @@ and the weight init.
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, ...) so that weights map
 one to one (gpt2lab.hf.load_pretrained reads them); their Conv1D layers store (in, out) where our nn.Linear
 stores (out, in).
+
+Design switches (GPTConfig: position, norm_placement, norm, qk_norm, activation, tie_embeddings) default to
+GPT-2's own choice; each alternative is a branch marked `# variant <switch>=<value>:`, so the GPT-2 path reads
+first and alone (the alternatives' own pieces, sinusoids and Rotary, come last). With the defaults the model, its
+parameter names and its numbers are GPT-2's.
 """
 
 import math
@@ -14,6 +19,13 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ATTENTION = ("sdpa", "eager")  # how attention is computed; the same result either way
+# the design switches with a fixed set of values; GPT-2's choice first (the default)
+CHOICES = {
+    "position": ("learned", "sinusoidal", "rope"),
+    "norm_placement": ("pre", "post"),
+    "norm": ("layernorm", "rmsnorm"),
+    "activation": ("gelu_tanh", "relu2"),
+}
 
 
 def check_attention(attention: str) -> None:
@@ -24,6 +36,14 @@ def check_attention(attention: str) -> None:
         )
 
 
+def make_norm(config: "GPTConfig", dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        # variant norm=rmsnorm: x / rms(x) · gain, no mean removed, no bias (Zhang & Sennrich 2019; llama);
+        # LayerNorm's eps, so that the switch changes only those two things
+        return nn.RMSNorm(dim, eps=1e-5)
+    return nn.LayerNorm(dim)  # GPT-2: (x - mean) / std · gain + bias
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: "GPTConfig", attention: str):
         super().__init__()
@@ -32,6 +52,14 @@ class CausalSelfAttention(nn.Module):
         # query, key and value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        head_size = config.n_embd // config.n_head
+        self.q_norm = self.k_norm = self.rotary = None  # GPT-2: none of these
+        if config.qk_norm:
+            # variant qk_norm=true: RMSNorm on each head's queries and keys, one gain per dimension shared by
+            # the heads (OLMo 2, Qwen3; modded-nanogpt without the gain): attention logits stay bounded
+            self.q_norm, self.k_norm = nn.RMSNorm(head_size, eps=1e-5), nn.RMSNorm(head_size, eps=1e-5)
+        if config.position == "rope":
+            self.rotary = Rotary(head_size, config.block_size)  # variant position=rope: see Rotary, below
 
     def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
@@ -40,9 +68,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        start = 0  # position of x's first token
+        start = 0 if kv_cache is None else kv_cache.pos  # position of x's first token
+        if self.q_norm is not None:  # variant qk_norm=true: in float32, as autocast runs GPT-2's LayerNorms
+            q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
+        if self.rotary is not None:  # variant position=rope: rotated at their own positions, then cached
+            q, k = self.rotary(q, start), self.rotary(k, start)
         if kv_cache is not None:
-            start = kv_cache.pos
             k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs): the cached prefix, then these T
         if self.attention == "sdpa" and start == 0:
             # softmax(q·kᵀ/√hs + causal mask)·v; flash attention where the backend has it
@@ -67,24 +98,36 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        h = self.c_fc(x)  # (B, T, 4C)
+        if self.activation == "relu2":
+            h = F.relu(h).square()  # variant activation=relu2: relu(x)² (Primer, So et al. 2021; modded-nanogpt)
+        else:
+            h = self.gelu(h)
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
     def __init__(self, config: "GPTConfig", attention: str):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, attention)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        self.norm_placement = config.norm_placement
 
     def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
-        # pre-LayerNorm: the residual stream itself is never normalized, only each branch's input
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        if self.norm_placement == "pre":
+            # pre-LayerNorm: the residual stream itself is never normalized, only each branch's input
+            x = x + self.attn(self.ln_1(x), kv_cache, layer)
+            x = x + self.mlp(self.ln_2(x))
+            return x
+        # variant norm_placement=post: the original transformer's x = norm(x + sublayer(x)): the stream itself
+        # is normalized after each residual add (Vaswani et al. 2017, section 3.1)
+        x = self.ln_1(x + self.attn(x, kv_cache, layer))
+        return self.ln_2(x + self.mlp(x))
 
 
 class KVCache:
@@ -113,7 +156,8 @@ class KVCache:
 
 @dataclass
 class GPTConfig:
-    """The architecture. Sizes live in conf/model/*.yaml; this only checks they fit together."""
+    """The architecture. Sizes live in conf/model/*.yaml, the design switches in conf/train.yaml's `model`; this only
+    checks that they fit together."""
 
     block_size: int  # longest sequence (context length)
     vocab_size: int  # tokenizer vocabulary: 50257 for GPT-2's BPE
@@ -121,6 +165,14 @@ class GPTConfig:
     n_head: int
     n_embd: int
     pad_vocab: bool = False  # round the embedding rows up to a multiple of 64 (50304): faster matmuls
+    # Design switches: the defaults are GPT-2's (as in conf/train.yaml), and what a checkpoint written before
+    # the switch existed was built with.
+    position: str = "learned"  # learned (wpe) | sinusoidal (fixed, the original transformer's) | rope (rotary)
+    norm_placement: str = "pre"  # pre: norm(x) into each branch | post: norm(x + branch(x)), no ln_f
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # true: RMSNorm on each head's queries and keys before attention
+    activation: str = "gelu_tanh"  # MLP: gelu_tanh | relu2 (relu(x)²)
+    tie_embeddings: bool = True  # the output layer is the token embedding; false: lm_head a matrix of its own
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -131,6 +183,19 @@ class GPTConfig:
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
                 "each head works in n_embd / n_head dimensions; pick sizes that divide"
             )
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r}: must be one of {', '.join(choices)} ({choices[0]}: GPT-2's)"
+                )
+        for name in ("qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: must be true or false")
+        # rope rotates pairs of a head's dimensions, sinusoids pair the embedding's
+        paired = {"rope": ("n_embd / n_head", self.n_embd // self.n_head), "sinusoidal": ("n_embd", self.n_embd)}
+        if self.position in paired and paired[self.position][1] % 2:
+            what, size = paired[self.position]
+            raise ValueError(f"model.position={self.position} needs an even {what}, got {size}: pick sizes that fit")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -146,18 +211,29 @@ class GPT(nn.Module):
         super().__init__()
         check_attention(attention)
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                h=nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))  # token embedding
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        elif config.position == "sinusoidal":
+            # variant position=sinusoidal: a fixed buffer, not a parameter; not in state_dict either, since the
+            # config rebuilds it exactly (a checkpoint holds what training learned). The original transformer adds
+            # it to token embeddings scaled by √n_embd; scaling it by 1/√n_embd instead keeps that ratio and leaves
+            # the (tied) token embedding GPT-2's: else, RMS 0.71 beside embeddings of std 0.02, it drowns the tokens
+            pe = sinusoids(config.block_size, config.n_embd) * config.n_embd**-0.5
+            self.register_buffer("sinusoids", pe, persistent=False)
+        # (variant position=rope: no position embedding; attention rotates q and k instead, see Rotary)
+        modules["h"] = nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)])
+        if config.norm_placement == "pre":
+            # the stream is normalized once, at the end (variant post: the last block's ln_2 did that already,
+            # and the original transformer has no final norm)
+            modules["ln_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # weight tying: the output projection is the token embedding (one Parameter, GPT-2 and
-        # "Using the Output Embedding to Improve Language Models", Press & Wolf 2017)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying: the output projection is the token embedding (one Parameter, GPT-2 and
+            # "Using the Output Embedding to Improve Language Models", Press & Wolf 2017)
+            self.transformer.wte.weight = self.lm_head.weight
+        # (variant tie_embeddings=false: lm_head is a matrix of its own)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
@@ -173,12 +249,17 @@ class GPT(nn.Module):
                 "shorten it (e.g. keep its last block_size tokens)"
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif self.config.position == "sinusoidal":  # variant position=sinusoidal
+            x = x + self.sinusoids[pos]
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x)
+        if self.config.norm_placement == "pre":
+            x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -186,15 +267,21 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters counted once (the tied embedding too); non_embedding drops the position
-        embedding, the convention of the FLOPs formula 6·N (Kaplan et al. 2020)."""
+        """Parameters counted once (the tied embedding too); non_embedding drops the embeddings that are
+        only looked up, the convention of the FLOPs formula 6·N (Kaplan et al. 2020): the learned position
+        embedding, and an untied token embedding (tied, it is also the lm_head matmul, and counts)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and self.config.position == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return n
 
 
 @torch.no_grad()
 def init_weights(model: GPT, std: float, scale_residual: bool) -> None:
-    """GPT-2's init: N(0, std) for every Linear and Embedding weight, zero biases, LayerNorm (1, 0).
+    """GPT-2's init: N(0, std) for every Linear and Embedding weight (an untied lm_head too), zero biases,
+    LayerNorm (1, 0), RMSNorm 1.
 
     With scale_residual, the two projections that write into the residual stream in each block
     (attn.c_proj, mlp.c_proj) get std·(2·n_layer)^-0.5, so the stream's variance does not grow with
@@ -209,3 +296,36 @@ def init_weights(model: GPT, std: float, scale_residual: bool) -> None:
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        if isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+# The alternatives' own pieces, used by the `variant` branches above
+
+
+def sinusoids(block_size: int, n_embd: int) -> torch.Tensor:
+    """The original transformer's fixed position encoding (Vaswani et al. 2017, section 3.5), (block_size, n_embd):
+    PE(pos, 2i) = sin(pos / 10000^(2i/n_embd)), PE(pos, 2i+1) = cos(pos / 10000^(2i/n_embd))."""
+    pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (block_size, 1)
+    angles = pos / 10000 ** (torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (block_size, n_embd/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # sin, cos interleaved
+
+
+class Rotary(nn.Module):
+    """variant position=rope: rotary position embedding (RoFormer, Su et al. 2021). Each head's q and k are
+    rotated by angles proportional to their position, so q·k depends on the positions' difference only.
+    Half-split convention (llama, modded-nanogpt): dimension i pairs with i + hs/2, at frequency 10000^(-2i/hs)."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+        # fixed by the config: not in state_dict, rebuilt with the model
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x (B, nh, T, hs) at positions start..start+T-1, rotated; in float32, returned in x's dtype."""
+        cos, sin = self.cos[start : start + x.size(2)], self.sin[start : start + x.size(2)]  # (T, hs/2)
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)

@@ -98,6 +98,15 @@ def recording_run_end() -> Iterator[None]:
             write_run_status(status_file.parent, "completed")
 
 
+def flat(values: dict, prefix: str) -> dict:
+    """{"muon": {"lr": 0.02}} as {"<prefix>muon.lr": 0.02}, without Hydra's `_target_`-like keys."""
+    items = {}
+    for key, value in values.items():
+        if not key.startswith("_"):
+            items |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return items
+
+
 def run_hparams(cfg: DictConfig) -> dict:
     """What a sweep varies, flat: the swept keys first (with this run's values), then the chosen config of each
     group and the values of the knobs."""
@@ -105,8 +114,7 @@ def run_hparams(cfg: DictConfig) -> dict:
     hparams = {key: choices[key] if key in choices else OmegaConf.select(cfg, key) for key in swept_overrides()}
     hparams |= {group: choice for group, choice in choices.items() if group.split("/")[0] not in NOT_HPARAMS and choice}
     for section in ("model", "init", "optim", "scheduler"):
-        values = OmegaConf.to_container(cfg[section], resolve=True)
-        hparams |= {f"{section}.{k}": v for k, v in values.items() if not k.startswith("_")}
+        hparams |= flat(OmegaConf.to_container(cfg[section], resolve=True), prefix=f"{section}.")
     for key in ("data.batch_size", "data.seq_len", "train.total_batch_size", "trainer.max_steps", "seed"):
         hparams[key] = OmegaConf.select(cfg, key)
     return hparams
