@@ -13,11 +13,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import pytest
+import submitit
 import torch
-from conftest import ROOT, compose_train_in
+from conftest import CONF_DIR, ROOT, compose_train_in
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from omegaconf import OmegaConf
 from test_preemption import SignalMidStep, scalars
 
+from gpt2lab.accelerator import resolve_accelerator
 from gpt2lab.sweep import read_events, run_dirs, scalar_series
 from gpt2lab.train import train
 
@@ -195,3 +204,59 @@ def test_a_sweep_through_submitit_runs_each_run_as_a_job_and_summarizes_them(tmp
         rows = list(csv.DictReader(f))
     assert {r["run"]: float(r["final_val_loss"]) for r in rows} == pytest.approx(final_val_loss)
     assert sorted(r["overrides"] for r in rows) == ["optim.lr=0.001", "optim.lr=0.002"]
+
+
+def compose_slurm(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=slurm", *overrides],
+                      return_hydra_config=True)  # fmt: skip
+    resolve_accelerator(cfg.accelerator)  # as train() does first
+    return cfg
+
+
+def test_slurm_launcher_config_yields_a_valid_sbatch_job(tmp_path, monkeypatch):
+    # submitit's SLURM executor insists on finding srun; it is never run here
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\necho 'no SLURM cluster here' >&2; exit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = compose_slurm("hydra.launcher.partition=gpu", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                        "hydra.launcher.timeout_min=90", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    # the executor exactly as SlurmLauncher.launch builds it (hydra_submitit_launcher 1.2): submitit checks
+    # every parameter name and writes the sbatch script it would submit
+    params = dict(launcher.params)
+    executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
+    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+            "stderr_to_stdout"}  # fmt: skip
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit job", "uid")
+    for flag in ("--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=90",
+                 "--cpus-per-task=8", "--signal=USR1@120", "--requeue"):  # fmt: skip
+        assert f"#SBATCH {flag}\n" in sbatch, sbatch
+    assert sbatch.count("--signal") == 1  # Lightning's requeue signal, not submitit's USR2 besides it
+    assert "srun" in sbatch  # one task per GPU, each a Lightning process
+
+
+def test_slurm_trainer_is_lightnings_multi_node_ddp_with_requeue(tmp_path, monkeypatch, hydra_runtime):
+    cfg = compose_slurm("hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", "accelerator=cpu",
+                        f"paths.output_dir={tmp_path}")  # fmt: skip
+    hydra_runtime.set_config(cfg)  # as Hydra does in each job
+    # task 5 of 8 (node 1, GPU 1), as srun starts it: Lightning takes its rank from SLURM, trainer=slurm its layout
+    for key, value in {"SLURM_NNODES": "2", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_PROCID": "5",
+                       "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "train",
+                       "SLURM_NODELIST": "node[1-2]"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert (trainer_cfg["num_nodes"], trainer_cfg["devices"], trainer_cfg["strategy"]) == (2, 4, "ddp")
+    # Lightning records the rank in process-wide globals: put them back after, or every later run in
+    # this process would think it is rank 5 and log nothing
+    for rank_zero_only in (fabric_rank_zero_only, utils_rank_zero_only):
+        monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False)
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
