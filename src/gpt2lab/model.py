@@ -156,8 +156,8 @@ class KVCache:
 
 @dataclass
 class GPTConfig:
-    """The architecture. Sizes live in conf/model/*.yaml, the design switches in conf/train.yaml's `model`; this only
-    checks that they fit together."""
+    """The architecture: sizes from conf/model/*.yaml, the design switches' defaults here (GPT-2's); it checks that
+    they fit together."""
 
     block_size: int  # longest sequence (context length)
     vocab_size: int  # tokenizer vocabulary: 50257 for GPT-2's BPE
@@ -165,8 +165,8 @@ class GPTConfig:
     n_head: int
     n_embd: int
     pad_vocab: bool = False  # round the embedding rows up to a multiple of 64 (50304): faster matmuls
-    # Design switches: the defaults are GPT-2's (as in conf/train.yaml), and what a checkpoint written before
-    # the switch existed was built with.
+    # Design switches: the defaults are GPT-2's (the `model` config takes its keys and defaults from here), and
+    # what a checkpoint written before the switch existed was built with.
     position: str = "learned"  # learned (wpe) | sinusoidal (fixed, the original transformer's) | rope (rotary)
     norm_placement: str = "pre"  # pre: norm(x) into each branch | post: norm(x + branch(x)), no ln_f
     norm: str = "layernorm"  # layernorm | rmsnorm
