@@ -100,6 +100,7 @@ def test_unknown_key_is_refused(compose_train):
     [
         (["model=tiny", "data.seq_len=512"], "data.seq_len=512 is longer than model.block_size=256"),
         (["optim.lr=0"], "optim.lr=0"),
+        (["model.vocab_size=50000"], "model.vocab_size=50000 is smaller than the 50257 ids of GPT-2's BPE"),
         (["model=tiny", "model.n_head=3"], "n_embd=128 is not divisible by model.n_head=3"),
         (["model=tiny", "train.total_batch_size=1000"], "train.total_batch_size=1000 is not divisible by"),
         (["trainer.max_steps=abc"], "trainer.max_steps='abc': expected an integer"),

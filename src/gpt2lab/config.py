@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
+from gpt2lab import tokenizer
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPTConfig, check_attention
 
@@ -162,6 +163,11 @@ def check_config(cfg: DictConfig) -> None:
         instantiate(cfg.model)  # GPTConfig checks that the sizes fit together
     except InstantiationException as e:
         raise ConfigError(str(e.__cause__)) from None
+    if cfg.model.vocab_size < tokenizer.VOCAB_SIZE:  # the shards hold GPT-2 BPE ids: each needs an embedding row
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.VOCAB_SIZE} ids of GPT-2's BPE, "
+            f"which the data is tokenized with: set model.vocab_size={tokenizer.VOCAB_SIZE} (or more)"
+        )
     if cfg.data.seq_len > cfg.model.block_size:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than model.block_size={cfg.model.block_size}: "
