@@ -112,6 +112,8 @@ def run_hparams(cfg: DictConfig) -> dict:
     group and the values of the knobs."""
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     hparams = {key: choices[key] if key in choices else OmegaConf.select(cfg, key) for key in swept_overrides()}
+    if (trial := OmegaConf.select(cfg, "search.trial")) is not None:  # an Optuna search's run: its trial first
+        hparams = {"search.trial": trial, **hparams}
     hparams |= {group: choice for group, choice in choices.items() if group.split("/")[0] not in NOT_HPARAMS and choice}
     for section in ("model", "init", "optim", "scheduler"):
         hparams |= flat(OmegaConf.to_container(cfg[section], resolve=True), prefix=f"{section}.")
