@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import optuna
 import pytest
 import yaml
@@ -18,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+from test_reliability import InjectInf  # an inf gradient at a chosen step: a run that diverges
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.search import search_space
@@ -30,22 +30,11 @@ SEARCH = ["hparams_search=lr_optuna", "model=tiny", "accelerator=cpu", "trainer.
           "data.val_batches=1", "train.val_every_n_steps=1", "~callbacks.text_samples",
           "hydra.sweeper.pruner.n_startup_trials=2",
           # a fault as a parameter, so that one trial diverges: a non-finite gradient at step `at_step` (99: none)
-          f"+callbacks.inject_inf={{_target_:{__name__}.InjectInf,at_step:99}}",
+          f"+callbacks.inject_inf={{_target_:{InjectInf.__module__}.InjectInf,at_step:99}}",
           "callbacks.inject_inf.at_step=choice(2, 99)"]  # fmt: skip
 GOOD = {"optim.lr": 3e-3, "scheduler.warmup_steps": 0, "callbacks.inject_inf.at_step": 99}
 DIVERGES = GOOD | {"callbacks.inject_inf.at_step": 2}
 HOPELESS = {"optim.lr": 1e-4, "scheduler.warmup_steps": 45, "callbacks.inject_inf.at_step": 99}  # lr ≈ 2e-6 at step 1
-
-
-class InjectInf(L.Callback):
-    """An infinite gradient at optimizer step `at_step` (1-based): SafeStop stops the run there."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.at_step - 1:
-            pl_module.model.transformer.wte.weight.grad[0, 0] = float("inf")
 
 
 def search(sweep_dir: Path, data_dir: Path, n_trials: int) -> subprocess.CompletedProcess:
