@@ -120,8 +120,9 @@ def plot(rows: list[AblationRow], path: Path, group: str) -> None:
 
 
 class SummarizeAblation(Callback):
-    """Hydra callback (experiment=design_ablations): when the multirun ends, its ablation table (see ablation_table);
-    the sweep summary's callback runs first."""
+    """Hydra callback (experiment=design_ablations): when the multirun ends, its ablation table (see ablation_table).
+    Hydra calls end callbacks last-registered first, so it is written before the sweep summary's, whose exit
+    status may report failed runs."""
 
     def __init__(self, group: str = "ablation", baseline: str = "baseline"):
         self.group, self.baseline = group, baseline
