@@ -112,9 +112,16 @@ def test_average_loss_picks_the_likely_ending_and_summed_loss_the_short_one():
     assert hellaswag.accuracies(counts) == {"acc_norm": 1.0, "acc": 2 / 3, "examples": 3}
 
 
-def test_batched_scores_equal_a_direct_computation_per_ending():
+@pytest.mark.parametrize(
+    "switches",
+    [{},  # GPT-2
+     {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2"},  # the speedrun's levers
+     {"position": "sinusoidal", "norm_placement": "post", "tie_embeddings": False}],  # the original transformer's
+    ids=["gpt2", "modern", "original"],
+)  # fmt: skip
+def test_batched_scores_equal_a_direct_computation_per_ending(switches):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, **switches)).eval()
     enc = tokenizer.encoding()
     tokens, mask, labels = next(hellaswag.batches(EXAMPLES, enc, 64, size=3))
     summed, averaged = hellaswag.ending_losses(model, tokens, mask)
