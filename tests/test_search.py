@@ -125,6 +125,5 @@ def test_each_run_of_a_search_builds_the_studys_pruner_from_the_sweepers_config(
     )
     kind = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
     assert type(callback.pruner) is kind.get(pruner, optuna.pruners.NopPruner)
-    assert callback.val_every_n_steps == cfg.train.val_every_n_steps
     assert isinstance(instantiate(cfg.hydra.sweeper.sampler), optuna.samplers.TPESampler)
     assert next(iter(run_hparams(cfg).items())) == ("search.trial", 7)  # first in the HParams tab

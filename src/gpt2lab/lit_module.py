@@ -44,6 +44,7 @@ class StepReport:
     time: float  # seconds from the start of the step to its update done: no validation, sampling or eval
     applied: bool  # False: the update was withheld (non-finite gradients, or an fp16 overflow)
     fault: str | None = None  # why it was withheld, when that is a fault to act on (never an fp16 overflow)
+    val_loss: float | None = None  # of the weights after this step, when validation was due (else None)
 
 
 class GPTModule(L.LightningModule):
@@ -133,7 +134,7 @@ class GPTModule(L.LightningModule):
         if not report.applied and (scaler is None or not math.isfinite(step_loss)):
             report.fault = f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'}"
         if report.step % self.val_every_n_steps == 0 or report.step == self.trainer.max_steps:
-            self.validate()
+            report.val_loss = self.validate()["val/loss"]
         # every scalar of this step at x = report.step (Lightning's `step` key), whichever hook logs it
         self.log("step", float(report.step))
         self.log("train/loss", step_loss, prog_bar=True)
@@ -145,16 +146,17 @@ class GPTModule(L.LightningModule):
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             self.trainer.strategy.model.require_backward_grad_sync = enabled  # as its no_sync() does
 
-    def validate(self) -> None:
-        """val/loss (and the unused-token metrics) of the current weights, logged at this step: the mean over
-        the same first val batches every time, and over ranks (each holds its own slice of each batch)."""
+    def validate(self) -> dict[str, float]:
+        """val/loss (and the unused-token metrics) of the current weights, logged at this step and returned: the
+        mean over the same first val batches every time, and over ranks (each holds its own slice of each batch)."""
         self.model.eval()
         # the ranks' sums are added before dividing, so the logged split of val/loss adds up exactly
         reduce_sums = partial(self.trainer.strategy.reduce, reduce_op="sum")
         metrics = validation_metrics(self.model, self.trainer.datamodule.val_loader(), self.unseen_tokens, reduce_sums)
         self.model.train()
-        values = torch.stack(list(metrics.values())).tolist()
-        self.log_sparse(dict(zip(metrics, values)), prog_bar=("val/loss",))
+        values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
+        self.log_sparse(values, prog_bar=("val/loss",))
+        return values
 
     def log_sparse(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
         """Scalars measured at some steps only (validation, HellaSwag): to the loggers at this step alone

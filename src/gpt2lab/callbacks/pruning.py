@@ -23,8 +23,8 @@ class OptunaPruning(Callback):
     machine than the sweeper that asked for it (hydra_plugins/gpt2lab_optuna). The pruner must be the study's:
     Optuna keeps no pruner in a storage, only the values it decides on.
 
-    Validation is not Lightning's loop (GPTModule.training_step validates every `val_every_n_steps` optimizer
-    steps and at the last), so the check runs in on_train_batch_end, at the steps that just validated."""
+    Validation is not Lightning's loop (GPTModule.training_step validates when it is due), so the check runs in
+    on_train_batch_end, at the steps whose report carries a val/loss."""
 
     def __init__(
         self,
@@ -32,7 +32,6 @@ class OptunaPruning(Callback):
         study_name: str,
         trial_number: int,
         pruner: optuna.pruners.BasePruner,
-        val_every_n_steps: int,
     ):
         if trial_number is None:
             raise ConfigError(
@@ -40,7 +39,7 @@ class OptunaPruning(Callback):
                 "the multirun its config starts, e.g. `python scripts/train.py hparams_search=lr_optuna`"
             )
         self.storage, self.study_name, self.trial_number = storage, study_name, trial_number
-        self.pruner, self.val_every_n_steps = pruner, val_every_n_steps
+        self.pruner = pruner
         self.trial: optuna.Trial | None = None  # rank 0's, from setup on
         self.reason: str | None = None
 
@@ -54,10 +53,10 @@ class OptunaPruning(Callback):
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = outputs["report"].step
-        if step % self.val_every_n_steps and step < trainer.max_steps:
+        step, val_loss = outputs["report"].step, outputs["report"].val_loss  # the same on every rank
+        if val_loss is None:
             return  # no validation at this step
-        val_loss, prune = float(trainer.callback_metrics[VAL_LOSS]), False  # the same on every rank
+        prune = False
         if trainer.is_global_zero:
             self.trial.report(val_loss, step)
             # at the last step the run is done anyway: its value goes to the study as the trial's result
