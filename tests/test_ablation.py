@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gpt2lab.ablation import ablation_table
 from gpt2lab.errors import DataError
-from gpt2lab.sweep import read_events, scalar_series
+from gpt2lab.sweep import flat, read_events, scalar_series
 
 OPTIONS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 # what each option must change, against the baseline, in the composed config (and nothing else)
@@ -31,16 +31,10 @@ CHANGES = {
 }
 
 
-def flat(node, prefix=""):
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
-
-
 def composed(tmp_path, *overrides) -> dict:
     cfg = compose_train_in(tmp_path, tmp_path, "experiment=design_ablations", *overrides)
     del cfg.module  # the LightningModule's arguments: interpolations of model, init, optim, ...
-    return flat(OmegaConf.to_container(cfg, resolve=True))
+    return flat(OmegaConf.to_container(cfg, resolve=True), prefix="")  # as HParams flattens it
 
 
 def test_every_option_swaps_one_design_choice_and_the_experiment_sweeps_them_all(tmp_path):
