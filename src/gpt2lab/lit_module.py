@@ -1,7 +1,7 @@
 import math
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
@@ -217,7 +217,7 @@ class GPTModule(L.LightningModule):
         found = checkpoint.get("hyper_parameters", {}).get("model")
         expected = self.hparams["model"]
         if isinstance(found, dict):  # a switch added since the checkpoint was written: it had the default
-            found = {f.name: f.default for f in fields(GPTConfig) if f.default is not MISSING} | found
+            found = asdict(GPTConfig(**found))  # as load_checkpoint rebuilds it
         if found != expected:
             raise CheckpointError(
                 f"checkpoint is of another model: it holds {found}, this run builds {expected}; "
