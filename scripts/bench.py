@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from gpt2lab.accelerator import resolve_accelerator, set_up_process
-from gpt2lab.callbacks.monitor import flops_per_token, peak_flops
+from gpt2lab.callbacks.monitor import MEASURED, peak_flops
 from gpt2lab.config import register_resolvers
 
 LABELS = {
@@ -82,7 +82,7 @@ class LightningCandidate:
     def _fit(self, trainer, module, datamodule):
         try:
             trainer.fit(module, datamodule)
-        except Exception as error:  # noqa: BLE001  (handed to the waiting driver, not lost with this thread)
+        except Exception as error:
             self.error = error
             self.gate.finished.release()
 
@@ -221,8 +221,11 @@ def main(cfg: DictConfig) -> None:
             rates[name].append(cfg.bench.steps * tokens_per_step / pipes[name].recv())
         print(f"round {r + 1}/{cfg.bench.rounds}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in order), flush=True)
 
-    fpt = flops_per_token(instantiate(cfg.module).model, T)
+    fpt = instantiate(cfg.module).model.flops_per_token(T)
     median = {name: statistics.median(v) for name, v in rates.items()}
+    for name in order:  # a measured peak is the best FLOP/s seen (monitor.measured_peak_flops): the model's too
+        if cfg.bench.peak_flops is None and cfg.accelerator.name in MEASURED:
+            peaks[precision_of[name]] = max(peaks[precision_of[name]], fpt * max(rates[name]))
     print(f"\n{'candidate':40} {'tokens/s':>10} {'step ms':>9} {'MFU':>7}")
     for name in order:
         peak = peaks[precision_of[name]]
@@ -231,10 +234,15 @@ def main(cfg: DictConfig) -> None:
             f"{fpt * median[name] / peak:>7.2%}"
         )
     print("peak FLOP/s: " + ", ".join(f"{peak:.3g} ({precision})" for precision, peak in peaks.items()))
-    print(
-        f"(a)/(b) = {median['lightning'] / median['plain']:.3f}   (a)/(c) = {median['lightning'] / median['hf']:.3f}"
-        f"   (d)/(c0) = {median['fastpath'] / median['hf_stock']:.3f}"
-    )
+    # each ratio is taken round by round, of two candidates that ran one after the other, and its median reported:
+    # on a shared machine the speed drifts between rounds, and the pairs cancel that drift (the ratio of the two
+    # medians, which may come from different rounds, does not)
+    ratios = {  # "(a)/(b)": the rounds' ratios
+        f"{LABELS[a].split()[0]}/{LABELS[b].split()[0]}": [x / y for x, y in zip(rates[a], rates[b])]
+        for a, b in (("lightning", "plain"), ("lightning", "hf"), ("fastpath", "hf_stock"))
+    }
+    print("ratios: the median of the rounds' ratios [their range]")
+    print("   ".join(f"{name} = {statistics.median(v):.3f} [{min(v):.3f}–{max(v):.3f}]" for name, v in ratios.items()))
     for pipe in set(pipes.values()):
         pipe.send(None)
 

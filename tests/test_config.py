@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, CPU_PRECISION
+from conftest import CONF_DIR, CPU_PRECISION, HOST_DEVICE
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -42,12 +42,15 @@ def test_every_option_of_every_group_composes_and_resolves(compose_train, hydra_
     assert callable(instantiate(cfg.init)) and callable(instantiate(cfg.optim)) and callable(instantiate(cfg.scheduler))
 
 
-def test_auto_accelerator_picks_cpu_here_with_its_precision(compose_train):
+def test_auto_accelerator_picks_this_machines_device_with_its_defaults(compose_train):
     cfg = compose_train(resolve=False)  # accelerator=auto: worked out when the run starts, not as Hydra composes
     assert {cfg.accelerator[key] for key in ("name", "precision", "compile", "attention", "malloc")} == {"auto"}
     resolve_accelerator(cfg.accelerator)
-    assert (cfg.accelerator.name, cfg.accelerator.precision, cfg.accelerator.compile) == ("cpu", CPU_PRECISION, False)
-    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == CPU_PRECISION
+    assert cfg.accelerator.name == HOST_DEVICE
+    chosen = compose_train(f"accelerator={HOST_DEVICE}")  # the same settings as naming that device
+    settings = ("precision", "compile", "attention", "matmul_precision", "malloc")
+    assert {k: cfg.accelerator[k] for k in settings} == {k: chosen.accelerator[k] for k in settings}
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == (HOST_DEVICE, chosen.accelerator.precision)
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR
+from conftest import CONF_DIR, TINYSHAKESPEARE_SHA256
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from test_prepare import TINYSHAKESPEARE_SHA256
 
 from gpt2lab.data import GPTDataModule, ShardError, TinyShakespeare, TokenWindows, WindowLoader, prepare
 from gpt2lab.data.shards import HEADER_BYTES, MAGIC, open_shard, write_shard

@@ -1,9 +1,9 @@
 """Data parallel on CPU: 2 processes (Lightning strategy=ddp, gloo) against one process with twice the
 batch, both accumulating gradients over 2 micro-batches a step. The runs are real `scripts/train.py` processes
-(Lightning's DDP launcher re-runs the script for rank 1), on the small corpus of test_resume."""
+(Lightning's DDP launcher re-runs the script for rank 1), on the small corpus of conftest."""
 
 import pytest
-from test_resume import B, T, batches_seen, corpus, train_losses, train_run  # noqa: F401  (corpus: a fixture)
+from conftest import B, T, batches_seen, scalars, train_run
 
 N, K = 6, 3
 DDP = ["accelerator.devices=2", "++trainer.strategy=ddp"]
@@ -19,7 +19,7 @@ def windows_by_step(run_dir, rank: int) -> list[tuple[str, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus):  # noqa: F811
+def runs(tmp_path_factory, corpus):
     root, data_dir = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("ddp_data")
     train_run(root / "single", corpus, data_dir, *COMMON, batch_size=2 * B)
     train_run(root / "ddp", corpus, data_dir, *COMMON, *DDP, f"callbacks.model_checkpoint.every_n_train_steps={K}")
@@ -41,7 +41,7 @@ def test_two_ranks_see_disjoint_halves_of_what_one_process_with_twice_the_batch_
 @pytest.mark.slow
 def test_two_ranks_train_and_validate_like_one_process_with_twice_the_batch(runs):
     runs, _ = runs
-    single, ddp = train_losses(runs / "single"), train_losses(runs / "ddp")
+    single, ddp = scalars(runs / "single")["train/loss"], scalars(runs / "ddp")["train/loss"]
     assert [s for s, _ in ddp] == list(range(1, N + 1))
     # the same update in exact arithmetic: DDP averages the two halves' mean gradients, one process takes
     # the mean over both. float32 sums in another order differ by ~1e-7 relative, which AdamW's
@@ -50,16 +50,16 @@ def test_two_ranks_train_and_validate_like_one_process_with_twice_the_batch(runs
     # window moves the loss by far more (~1e-2)
     assert [v for _, v in ddp] == pytest.approx([v for _, v in single], abs=1e-4)
     # val/loss is the mean over ranks of each rank's own half of the val batches
-    val_single, val_ddp = train_losses(runs / "single", "val/loss"), train_losses(runs / "ddp", "val/loss")
+    val_single, val_ddp = scalars(runs / "single")["val/loss"], scalars(runs / "ddp")["val/loss"]
     assert [s for s, _ in val_ddp] == [s for s, _ in val_single] and len(val_ddp) == 2
     assert [v for _, v in val_ddp] == pytest.approx([v for _, v in val_single], abs=1e-4)
 
 
 @pytest.mark.slow
-def test_two_rank_run_resumes_exactly(runs, corpus, tmp_path):  # noqa: F811
+def test_two_rank_run_resumes_exactly(runs, corpus, tmp_path):
     runs, data_dir = runs
     ckpt = runs / "ddp" / "checkpoints" / f"step{K:06d}.ckpt"
     train_run(tmp_path / "resumed", corpus, data_dir, *COMMON, *DDP, f"ckpt_path={ckpt}")
     for rank in (0, 1):
         assert batches_seen(tmp_path / "resumed", rank) == batches_seen(runs / "ddp", rank)[2 * K :]
-    assert train_losses(tmp_path / "resumed") == train_losses(runs / "ddp")[K:]
+    assert scalars(tmp_path / "resumed")["train/loss"] == scalars(runs / "ddp")["train/loss"][K:]

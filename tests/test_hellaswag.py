@@ -10,9 +10,8 @@ import threading
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, scalars
 from hydra import compose, initialize_config_dir
-from test_train import scalars
 from torch.nn import functional as F
 
 from gpt2lab import hellaswag, tokenizer

@@ -168,6 +168,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(compose_train, hf_tiny_d
     """A real run with init=pretrained: its first train/loss is the HF model's loss on the first batch."""
     cfg = compose_train(
         "model=tiny",
+        "accelerator=cpu",
         "init=pretrained",
         f"init.name={hf_tiny_dir}",
         "trainer.max_steps=2",
@@ -194,8 +195,8 @@ def test_fine_tuning_starts_from_the_pretrained_weights(compose_train, hf_tiny_d
 @pytest.mark.slow
 def test_export_script_writes_what_transformers_loads(compose_train, tmp_path):
     """scripts/export_hf.py on a checkpoint of a real tiny run: transformers' logits are ours."""
-    cfg = compose_train("model=tiny", "trainer.max_steps=1", "data.seq_len=64", "train.val_every_n_steps=1",
-                        "~callbacks.text_samples")  # fmt: skip
+    cfg = compose_train("model=tiny", "accelerator=cpu", "trainer.max_steps=1", "data.seq_len=64",
+                        "train.val_every_n_steps=1", "~callbacks.text_samples")  # fmt: skip
     train(cfg)
     run_dir = cfg.paths.output_dir
     cmd = [sys.executable, "scripts/export_hf.py", f"ckpt={run_dir}", f"out={tmp_path / 'exported'}",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from gpt2lab.lit_module import GPTModule
+from gpt2lab.lit_module import GPTModule, StepReport
 
 
 @pytest.fixture
@@ -70,3 +70,15 @@ def test_checkpoint_of_unknown_format_says_why_it_does_not_load(module, version,
     checkpoint = {"hyper_parameters": dict(module.hparams), "gpt2lab_format": version}
     with pytest.raises(ValueError, match=message):
         module.on_load_checkpoint(checkpoint)
+
+
+def report_at(step: int, last_step: int) -> StepReport:
+    return StepReport(step=step, loss=1.0, grad_norm=1.0, lr=1e-3, tokens=1, time=0.1, applied=True,
+                      last=step == last_step)  # fmt: skip
+
+
+@pytest.mark.parametrize(("every", "due"), [(5, [5, 10, 12]), (4, [4, 8, 12]), (1, list(range(1, 13))), (None, [12])])
+def test_periodic_work_is_due_at_each_multiple_and_at_the_last_step(every, due):
+    """The one rule of validation, samples, HellaSwag, monitors and last.ckpt (build-nanogpt: step % every == 0 or
+    last_step), for a 12-step run."""
+    assert [step for step in range(1, 13) if report_at(step, 12).due(every)] == due

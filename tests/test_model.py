@@ -172,3 +172,13 @@ def test_init_weights_zeroes_biases_and_resets_layernorm():
     ln = model.transformer.h[0].ln_1
     assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and torch.equal(ln.bias, torch.zeros_like(ln.bias))
     assert model.transformer.h[1].mlp.c_fc.bias.abs().max().item() == 0
+
+
+def test_the_loss_takes_targets_that_are_a_strided_slice_of_the_sequence():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    seq = torch.randint(0, 50, (2, 9))
+    assert not seq[:, 1:].is_contiguous()
+    _, loss = model(seq[:, :-1], seq[:, 1:])  # x and its shifted labels, both views of one tensor
+    _, expected = model(seq[:, :-1], seq[:, 1:].contiguous())
+    assert torch.equal(loss, expected)

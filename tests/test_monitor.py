@@ -7,11 +7,12 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
+from conftest import scalars
 from lightning.fabric.utilities.throughput import measure_flops
-from test_train import scalars
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2lab.callbacks.monitor import flops_per_token, peak_flops
+from gpt2lab.callbacks import monitor
+from gpt2lab.callbacks.monitor import peak_flops
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.train import train
 
@@ -24,7 +25,7 @@ def test_flops_per_token_formula_matches_torch_flop_counter(seq_len):
     with sdpa_kernel(SDPBackend.MATH):
         counted = measure_flops(model, lambda: model(x, x)[1], lambda loss: loss)
     # the formula also counts biases and LayerNorm gains as 6 FLOPs each; the counter only matmuls
-    assert flops_per_token(model, seq_len) * x.numel() == pytest.approx(counted, rel=0.01)
+    assert model.flops_per_token(seq_len) * x.numel() == pytest.approx(counted, rel=0.01)
 
 
 def test_cpu_peak_is_measured_once_and_plausible():
@@ -43,12 +44,13 @@ def test_gpu_peak_comes_from_the_datasheet_table():
 
 class Probe(L.Callback):
     """Records, for the tests, what the model and the optimizer see: each micro-batch's loss (a forward hook on
-    the GPT), the gradients' norm right before the update, and the wall time of each step's end; then sleeps
-    there, as slow end-of-step work (samples, HellaSwag) would."""
+    the GPT), the gradients' norm right before the update, and when each train batch (one optimizer step) starts
+    and ends; then sleeps at its end, as slow end-of-step work (samples, HellaSwag) would."""
 
     micro_losses: ClassVar[list[float]] = []  # class-level: Hydra instantiates the callback inside train()
     norms_at_update: ClassVar[list[float]] = []
-    step_ends: ClassVar[list[float]] = []
+    batch_starts: ClassVar[list[float]] = []
+    batch_ends: ClassVar[list[float]] = []
     SLEEP = 0.3  # s
 
     def on_train_start(self, trainer, pl_module):
@@ -62,9 +64,12 @@ class Probe(L.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         Probe.norms_at_update.append(float(torch.nn.utils.get_total_norm(grads)))
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        Probe.batch_starts.append(time.perf_counter())
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        Probe.batch_ends.append(time.perf_counter())
         time.sleep(self.SLEEP)
-        Probe.step_ends.append(time.time())
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +80,14 @@ def accumulating_run(tmp_path_factory, data_dir):
     run_dir = tmp_path_factory.mktemp("run")
     overrides = [
         f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "accelerator=cpu",
+        "accelerator.precision=32-true",
         "trainer.max_steps=4", "data.batch_size=2", "data.seq_len=64", "train.total_batch_size=384",  # 3 micro-batches
         "train.grad_clip=1e-3", "callbacks.speed_monitor.peak_flops=1e10", "~callbacks.text_samples",
         f"+callbacks.probe._target_={__name__}.Probe",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    for recorded in (Probe.micro_losses, Probe.norms_at_update, Probe.step_ends):
+    for recorded in (Probe.micro_losses, Probe.norms_at_update, Probe.batch_starts, Probe.batch_ends):
         recorded.clear()
     train(cfg)
     return scalars(run_dir), Probe
@@ -116,8 +122,28 @@ def test_step_time_tokens_per_sec_and_mfu_are_logged_per_optimizer_step(accumula
     assert all(t > 0 for t in step_time)
     assert tokens_per_sec == pytest.approx([384 / t for t in step_time], rel=1e-5)  # 3 × 2 × 64 tokens a step
     tiny = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=4, n_embd=128))
-    mfu = [flops_per_token(tiny, 64) * r / 1e10 for r in tokens_per_sec]  # the configured peak_flops=1e10
+    mfu = [tiny.flops_per_token(64) * r / 1e10 for r in tokens_per_sec]  # the configured peak_flops=1e10
     assert [v for _, v in logged["perf/mfu"]] == pytest.approx(mfu, rel=1e-5)
-    # the step's own time: the probe's sleep at each step's end (as samples or HellaSwag) is not in it
-    assert all(later - earlier > Probe.SLEEP for earlier, later in zip(probe.step_ends, probe.step_ends[1:]))
-    assert all(t < Probe.SLEEP for t in step_time[2:]), step_time  # (the first two steps also warm up)
+    # the step's own time: it lies inside its train batch (from the batch's start to its end, where the callbacks
+    # run), so the probe's sleep after each step's end (as samples or HellaSwag) is never in it, however busy the
+    # machine; the sleep is in the interval between one step's end and the next one's start
+    windows = [end - start for start, end in zip(probe.batch_starts, probe.batch_ends)]
+    assert len(windows) == 4 and all(0 < t <= window for t, window in zip(step_time, windows)), (step_time, windows)
+    assert all(start - end >= Probe.SLEEP for end, start in zip(probe.batch_ends, probe.batch_starts[1:]))
+
+
+def test_mfu_stays_at_most_1_when_the_cpu_peak_was_timed_on_a_busy_machine(tmp_path, data_dir, monkeypatch):
+    # as if the start-up matmul had run beside other work: a peak far below what the model itself then reaches
+    monkeypatch.setattr(monitor, "_measured_peaks", {("cpu", torch.float32): 1e6})
+    from conftest import compose_train_in
+
+    overrides = ["model=tiny", "model.n_layer=1", "accelerator=cpu", "accelerator.precision=32-true",
+                 "trainer.max_steps=3", "data.batch_size=2", "data.seq_len=32", "data.val_batches=1",
+                 "~callbacks.text_samples"]  # fmt: skip
+    train(compose_train_in(tmp_path, data_dir, *overrides))
+    logged = scalars(tmp_path)
+    mfu, tokens_per_sec = [v for _, v in logged["perf/mfu"]], [v for _, v in logged["perf/tokens_per_sec"]]
+    assert len(mfu) == 3 and all(0 < m <= 1 for m in mfu), mfu
+    # the device showed it does at least what the model did: the process's peak was raised to that
+    model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=1, n_head=4, n_embd=128))
+    assert monitor._measured_peaks[("cpu", torch.float32)] >= model.flops_per_token(32) * max(tokens_per_sec)

@@ -6,11 +6,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train_in
+from conftest import RESUME_K as K
+from conftest import SHORT_RUN as RUN
+from conftest import compose_train_in, inject_gradient
 from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
 from omegaconf import OmegaConf
-from test_variants import RUN, K
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.lit_module import GPTModule
@@ -85,20 +86,9 @@ def test_muon_with_fp16_is_refused(compose_train):
         muon_module(compose_train, trainer=trainer).configure_optimizers()
 
 
-class InjectNaNInAMatrix(L.Callback):
-    """A NaN in one of Muon's gradients (attention's c_attn of block 0) at optimizer step `at_step`."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.at_step - 1:  # the steps done before it
-            pl_module.model.transformer.h[0].attn.c_attn.weight.grad[0, 0] = float("nan")
-
-
 @pytest.mark.slow
 def test_nonfinite_step_is_withheld_from_muon_and_adamw(tmp_path, data_dir):
-    nan_at_3 = f"+callbacks.inject_nan={{_target_:{__name__}.InjectNaNInAMatrix,at_step:3}}"
+    nan_at_3 = inject_gradient(3, param="transformer.h.0.attn.c_attn.weight")  # one of Muon's matrices
     # 3 steps, the checkpoint of step 2 kept; the NaN in step 3 is skipped (train.on_nonfinite=skip)
     every_k = f"callbacks.model_checkpoint.every_n_train_steps={K}"
     skip = "train.on_nonfinite=skip"

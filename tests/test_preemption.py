@@ -5,16 +5,15 @@ SIGUSR1 by requeueing its job, whose next start resumes by itself. A second Ctrl
 The signals are real, sent to this process from inside the forward pass of a chosen micro-batch; the runs are
 real train() calls, read back from their TensorBoard files and checkpoints."""
 
+import json
 import os
 import signal
 import stat
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from conftest import compose_train_in
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import compose_train_in, scalars, signal_at, train_script
 
 from gpt2lab.errors import RunRequeued
 from gpt2lab.train import RunStopped, train
@@ -27,34 +26,6 @@ SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "
          "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}  # fmt: skip
 
 
-class SignalMidStep(L.Callback):
-    """Sends `signals` to this process from the forward pass of micro-batch `micro` of optimizer step `step`."""
-
-    def __init__(self, signals: list[str], step: int, micro: int):
-        self.signals, self.step, self.micro, self.forwards = [signal.Signals[s] for s in signals], step, micro, 0
-
-    def on_train_start(self, trainer, pl_module):
-        def send(module, inputs):
-            if torch.is_grad_enabled() and trainer.global_step == self.step - 1:  # steps done before this one
-                if self.forwards == self.micro:
-                    for sig in self.signals:
-                        os.kill(os.getpid(), sig)
-                self.forwards += 1
-
-        pl_module.model.register_forward_pre_hook(send)
-
-
-def signal_at(step: int, micro: int, *signals: str) -> str:
-    return f"+callbacks.signal={{_target_:test_preemption.SignalMidStep,signals:[{','.join(signals)}],step:{step},micro:{micro}}}"
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of tag over every events file of the run dir (each process that ran in it wrote one)."""
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("straight")
@@ -64,7 +35,7 @@ def straight(tmp_path_factory, data_dir) -> Path:
 
 def assert_same_run(run_dir: Path, straight: Path) -> None:
     for tag in ("train/loss", "train/grad_norm", "lr", "val/loss"):
-        assert scalars(run_dir, tag) == scalars(straight, tag), tag  # steps and values, bitwise (float32)
+        assert scalars(run_dir)[tag] == scalars(straight)[tag], tag  # steps and values, bitwise (float32)
     resumed = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
     reference = torch.load(straight / "checkpoints/last.ckpt", weights_only=False)
     assert resumed["global_step"] == N
@@ -89,16 +60,14 @@ def test_signal_mid_accumulation_finishes_the_step_and_resumes_to_the_straight_r
     with pytest.raises(RunStopped, match=rf"(?s)interrupted by {sig} after step 3\..*ckpt_path=last hydra.run.dir="):
         train(compose_train_in(run_dir, data_dir, *RUN, signal_at(3, 0, sig)))  # in step 3's first micro-batch
     assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
-    assert [s for s, _ in scalars(run_dir, "train/loss")] == [1, 2, 3]  # the step under way finished
+    assert [s for s, _ in scalars(run_dir)["train/loss"]] == [1, 2, 3]  # the step under way finished
     train(compose_train_in(run_dir, data_dir, *RUN, "ckpt_path=last"))
     assert_same_run(run_dir, straight)
 
 
-@pytest.mark.slow
-def test_slurm_sigusr1_requeues_the_job_which_resumes_by_itself(
-    tmp_path, data_dir, straight, monkeypatch, restore_signal_handlers
-):
-    # a stand-in scontrol on PATH that records how it was called
+@pytest.fixture
+def slurm_job(tmp_path, monkeypatch) -> Path:
+    """This process as SLURM job 4242's one task, with a stand-in scontrol on PATH; the file it records its calls in."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -107,7 +76,14 @@ def test_slurm_sigusr1_requeues_the_job_which_resumes_by_itself(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
+    return calls
 
+
+@pytest.mark.slow
+def test_slurm_sigusr1_requeues_the_job_which_resumes_by_itself(
+    tmp_path, data_dir, straight, slurm_job, restore_signal_handlers
+):
+    calls = slurm_job
     run_dir = tmp_path / "run"  # the same dir on requeue (a SLURM job's run dir is named after its id)
     with pytest.raises(RunRequeued, match=r"interrupted by SIGUSR1 after step 4"):  # not the end of the job
         train(compose_train_in(run_dir, data_dir, *RUN, signal_at(4, 1, "SIGUSR1")))  # in step 4's last micro-batch
@@ -118,12 +94,29 @@ def test_slurm_sigusr1_requeues_the_job_which_resumes_by_itself(
 
 
 @pytest.mark.slow
+def test_slurm_sigusr1_in_the_last_step_completes_the_run_and_a_requeued_job_finds_it_done(
+    tmp_path, data_dir, straight, slurm_job, restore_signal_handlers
+):
+    run_dir = tmp_path / "run"
+    val_loss = train(compose_train_in(run_dir, data_dir, *RUN, signal_at(N, 1, "SIGUSR1")))  # no RunStopped
+    assert not slurm_job.exists()  # no requeue: the job is done
+    assert_same_run(run_dir, straight)
+    assert val_loss == scalars(straight)["val/loss"][-1][1]
+    # were the job requeued anyway (say, by hand), it would find its run complete: exit 0, status completed, and
+    # nothing trained again
+    done = train_script(*RUN, f"hydra.run.dir={run_dir}", data_dir=data_dir)
+    assert "the run is complete" in done.stdout
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "detail": None}
+    assert scalars(run_dir)["train/loss"] == scalars(straight)["train/loss"]  # each step once
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, data_dir, restore_signal_handlers):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         train(compose_train_in(run_dir, data_dir, *RUN, signal_at(2, 0, "SIGINT", "SIGINT")))
     assert stopped.value.code == 1 and not isinstance(stopped.value, RunStopped)
-    assert [s for s, _ in scalars(run_dir, "train/loss")] == [1]  # step 2 never finished
+    assert [s for s, _ in scalars(run_dir)["train/loss"]] == [1]  # step 2 never finished
     assert not (run_dir / "checkpoints/last.ckpt").exists()  # and nothing was saved mid-step
 
 

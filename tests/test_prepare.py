@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF_DIR
+from conftest import TINYSHAKESPEARE_SHA256
 from omegaconf import OmegaConf
 
 from gpt2lab import tokenizer
 from gpt2lab.data import HFDataset, TextFiles, TinyShakespeare, open_shard, prepare
 from gpt2lab.errors import DataError
-
-TINYSHAKESPEARE_SHA256 = OmegaConf.load(CONF_DIR / "data" / "tinyshakespeare.yaml").source.sha256
 
 
 def test_tinyshakespeare_download_verifies_the_file(tmp_path):

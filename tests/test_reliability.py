@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, inject_gradient
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -21,7 +21,7 @@ from gpt2lab.checkpoint import AtomicCheckpointIO
 from gpt2lab.errors import CheckpointError
 from gpt2lab.train import RunStopped, train
 
-FAST = ["model=tiny", "data.seq_len=32", "data.val_batches=1"]  # steps of a few ms
+FAST = ["model=tiny", "accelerator=cpu", "data.seq_len=32", "data.val_batches=1"]  # steps of a few ms
 
 
 def train_steps(run_dir: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
@@ -34,17 +34,6 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-class InjectNaN(L.Callback):
-    """A fault for the tests: a NaN in one gradient at optimizer step `at_step` (1, 2, ...)."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.at_step - 1:  # the steps done before it
-            pl_module.model.transformer.wte.weight.grad[0, 0] = float("nan")
-
-
 def compose_run(run_dir: Path, data_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
@@ -52,7 +41,7 @@ def compose_run(run_dir: Path, data_dir: Path, *overrides: str):
         )
 
 
-NAN_AT_4 = "+callbacks.inject_nan={_target_:test_reliability.InjectNaN,at_step:4}"
+NAN_AT_4 = inject_gradient(4)
 
 
 @pytest.mark.slow
@@ -197,23 +186,12 @@ def test_config_error_is_one_line_without_traceback(tmp_path, data_dir, override
     assert not (tmp_path / "outputs/runs").exists() or not list((tmp_path / "outputs/runs").glob("*/checkpoints"))
 
 
-class InjectInf(L.Callback):
-    """An fp16 overflow for the tests: an inf in one gradient at optimizer step `at_step` (1, 2, ...)."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.at_step - 1:
-            pl_module.model.transformer.wte.weight.grad[0, 0] = float("inf")
-
-
 @pytest.mark.slow
 def test_fp16_overflow_steps_are_skipped_by_the_scaler_not_stopped_as_faults(tmp_path, data_dir):
     # fp16 with a gradient scaler, as on a V100 or T4; here on the CPU (Lightning only builds it for CUDA)
     fp16 = ("trainer.plugins=[{_target_:lightning.pytorch.plugins.MixedPrecision,precision:16-mixed,device:cpu,"
             "scaler:{_target_:torch.amp.GradScaler,device:cpu}}]")  # fmt: skip
-    inf_at_2 = f"+callbacks.inject_inf={{_target_:{__name__}.InjectInf,at_step:2}}"
+    inf_at_2 = inject_gradient(2, "inf")
     train(compose_run(tmp_path, data_dir, fp16, "trainer.precision=null", "accelerator.attention=eager",
                       "trainer.max_steps=4", "~callbacks.text_samples", inf_at_2))  # fmt: skip
     grad_norm = dict(train_steps(tmp_path, "train/grad_norm"))

@@ -6,71 +6,18 @@ shards, shuffled, so the runs cross shard boundaries and an epoch boundary. `dat
 makes the loader log a hash of every window it serves; TensorBoard holds the per-step losses.
 """
 
-import re
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import B, T, batches_seen, scalars, train_run
 
-B, T = 4, 32
 N, K = 12, 5  # optimizer steps: the whole run, and where the interrupted run stops
-
-BATCH_LINE = re.compile(r"rank (\d+) batch (epoch=\d+ index=\d+ windows=\S+)")
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """Three documents of made-up English, ~1,800 tokens: train shards of 600, 600 and ~420 tokens, and val:
-    11 batches of B×T a pass."""
-    root = tmp_path_factory.mktemp("corpus")
-    words = "the of and to in is was that for on with as by at from his her it an be this which or".split()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=600)) + "\n")
-    return root
 
 
 @pytest.fixture(scope="session")
 def text_data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("text_data")
-
-
-def train_run(run_dir: Path, corpus: Path, data_dir: Path, *overrides: str, batch_size: int = B) -> None:
-    """`python scripts/train.py` on the corpus with a tiny model: a new process, as after a crash."""
-    cmd = [
-        sys.executable, "scripts/train.py", "model=tiny", "accelerator=cpu", "data=text",
-        f"data.source.path={corpus}", f"paths.data_dir={data_dir}", "data.prepare.shard_size=600", "data.prepare.num_proc=1",
-        f"data.batch_size={batch_size}", f"data.seq_len={T}", "data.shuffle=true", "data.debug_batches=true",
-        "data.val_batches=2", "train.val_every_n_steps=5", "~callbacks.text_samples", f"hydra.run.dir={run_dir}",
-        # a learning rate still in warmup does not depend on trainer.max_steps, so a run stopped by
-        # max_steps=K follows the same schedule as one going to N
-        "scheduler.warmup_steps=1000", "optim.lr=0.05",
-        *overrides,
-    ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
-def batches_seen(run_dir: Path, rank: int = 0) -> list[str]:
-    """The windows served to `rank`, in order, from the run dir's logs (all processes that ran in it)."""
-    lines = []
-    for log in sorted(run_dir.glob("*.log")):
-        lines += [
-            m.group(2) for m in map(BATCH_LINE.search, log.read_text().splitlines()) if m and int(m.group(1)) == rank
-        ]
-    return lines
-
-
-def train_losses(run_dir: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
-    """(step, value) of `tag` as TensorBoard reads it back, over every events file in the run dir."""
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 ACCUM = 2  # micro-batches per optimizer step (the 2-rank resume in test_ddp takes 1)
@@ -86,7 +33,7 @@ def straight(tmp_path_factory, corpus, text_data_dir) -> tuple[Path, list[str], 
     run_dir = tmp_path_factory.mktemp("straight")
     every_k = f"callbacks.model_checkpoint.every_n_train_steps={K}"
     train_accumulating(run_dir, corpus, text_data_dir, f"trainer.max_steps={N}", every_k)
-    windows, losses = batches_seen(run_dir), train_losses(run_dir)
+    windows, losses = batches_seen(run_dir), scalars(run_dir)["train/loss"]
     assert [s for s, _ in losses] == list(range(1, N + 1)) and len(windows) == N * ACCUM
     assert len({w.split()[0] for w in windows}) >= 2, "the run should cross an epoch boundary"
     return run_dir, windows, losses
@@ -103,8 +50,8 @@ def test_run_stopped_and_resumed_with_ckpt_path_last_sees_what_an_uninterrupted_
     train_accumulating(stopped, corpus, text_data_dir, f"trainer.max_steps={N}", "ckpt_path=last")
     assert batches_seen(stopped) == windows  # the same windows, none repeated or skipped
     # the same steps, and bitwise the same values (TensorBoard keeps the float32 values)
-    assert train_losses(stopped) == losses
-    assert train_losses(stopped, "val/loss") == train_losses(straight[0], "val/loss")
+    assert scalars(stopped)["train/loss"] == losses
+    assert scalars(stopped)["val/loss"] == scalars(straight[0])["val/loss"]
     assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == N
 
 
@@ -115,7 +62,7 @@ def test_run_resumed_from_a_periodic_checkpoint_continues_exactly(tmp_path, corp
     ckpt = straight_dir / "checkpoints" / f"step{K:06d}.ckpt"
     train_accumulating(tmp_path / "resumed", corpus, text_data_dir, f"trainer.max_steps={N}", f"ckpt_path={ckpt}")
     assert batches_seen(tmp_path / "resumed") == windows[K * ACCUM :]
-    assert train_losses(tmp_path / "resumed") == losses[K:]  # the steps too
+    assert scalars(tmp_path / "resumed")["train/loss"] == losses[K:]  # the steps too
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_how_to_resume(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, scalars
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -202,7 +202,7 @@ class RngProbe(L.Callback):
 
 def tiny_train(run_dir: Path, data_dir: Path, *overrides: str) -> Path:
     """A 4-step model=tiny run; rng_states.txt in run_dir holds RngProbe's lines."""
-    base = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=4",
+    base = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "accelerator=cpu", "trainer.max_steps=4",
             "data.seq_len=64", "train.val_every_n_steps=4",
             # the speed monitor's first start in a process measures the CPU's FLOP/s on torch.randn matrices
             # (then caches it): that would shift the RNG stream of whichever run of the two comes first
@@ -214,22 +214,16 @@ def tiny_train(run_dir: Path, data_dir: Path, *overrides: str) -> Path:
     return run_dir
 
 
-def train_losses(run_dir: Path) -> list[float]:
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
-    return [e.value for e in events.Scalars("train/loss")]
-
-
 @pytest.fixture(scope="module")
 def sampled_run(tmp_path_factory, data_dir):
-    """A tiny run with text samples every 2 steps; the log messages of the samples callback."""
+    """A tiny 4-step run with text samples every 3 steps (and so at the last); the samples callback's messages."""
     collect = Collect()
     logger = logging.getLogger("gpt2lab.callbacks.samples")
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
     try:
         run_dir = tiny_train(
-            tmp_path_factory.mktemp("runs") / "sampled", data_dir, "callbacks.text_samples.every_n_steps=2"
+            tmp_path_factory.mktemp("runs") / "sampled", data_dir, "callbacks.text_samples.every_n_steps=3"
         )
     finally:
         logger.removeHandler(collect)
@@ -243,20 +237,20 @@ def test_text_samples_reach_tensorboard_and_the_log(sampled_run):
     events.Reload()
     assert "samples/text_summary" in events.Tags()["tensors"]
     logged = events.Tensors("samples/text_summary")
-    assert [e.step for e in logged] == [2, 4]
+    assert [e.step for e in logged] == [3, 4]  # every 3 steps, and at the last
     markdown = logged[0].tensor_proto.string_val[0].decode()
     assert "**sample 0**" in markdown and "**sample 1**" in markdown
-    assert [m.split(":")[0] for m in messages] == ["samples at step 2", "samples at step 4"]
-    assert len(messages[0]) > len("samples at step 2:\n") + 20  # some text came out
+    assert [m.split(":")[0] for m in messages] == ["samples at step 3", "samples at step 4"]
+    assert len(messages[0]) > len("samples at step 3:\n") + 20  # some text came out
 
 
 @pytest.mark.slow
 def test_text_samples_leave_the_training_losses_bitwise_unchanged(sampled_run, tmp_path, data_dir):
     run_dir, _ = sampled_run
     without = tiny_train(tmp_path / "plain", data_dir, "~callbacks.text_samples")
-    with_samples = train_losses(run_dir)
+    with_samples = scalars(run_dir)["train/loss"]
     assert len(with_samples) == 4
-    assert with_samples == train_losses(without)  # exact floats
+    assert with_samples == scalars(without)["train/loss"]  # exact floats
     # sampling draws from its own generator: the global RNG state before every batch is that of the plain run
     states = (run_dir / "rng_states.txt").read_text()
     assert states.count("\n") == 4 and states == (without / "rng_states.txt").read_text()

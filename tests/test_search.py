@@ -12,12 +12,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, inject_gradient
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-from test_reliability import InjectInf  # an inf gradient at a chosen step: a run that diverges
 
 from gpt2lab.errors import ConfigError
 from gpt2lab.search import search_space
@@ -30,17 +29,17 @@ SEARCH = ["hparams_search=lr_optuna", "model=tiny", "accelerator=cpu", "trainer.
           "data.val_batches=1", "train.val_every_n_steps=1", "~callbacks.text_samples",
           "hydra.sweeper.pruner.n_startup_trials=2",
           # a fault as a parameter, so that one trial diverges: a non-finite gradient at step `at_step` (99: none)
-          f"+callbacks.inject_inf={{_target_:{InjectInf.__module__}.InjectInf,at_step:99}}",
-          "callbacks.inject_inf.at_step=choice(2, 99)"]  # fmt: skip
-GOOD = {"optim.lr": 3e-3, "scheduler.warmup_steps": 0, "callbacks.inject_inf.at_step": 99}
-DIVERGES = GOOD | {"callbacks.inject_inf.at_step": 2}
-HOPELESS = {"optim.lr": 1e-4, "scheduler.warmup_steps": 45, "callbacks.inject_inf.at_step": 99}  # lr ≈ 2e-6 at step 1
+          inject_gradient(99, "inf"),  # an inf gradient at a chosen step: a run that diverges
+          "callbacks.inject.at_step=choice(2, 99)"]  # fmt: skip
+GOOD = {"optim.lr": 3e-3, "scheduler.warmup_steps": 0, "callbacks.inject.at_step": 99}
+DIVERGES = GOOD | {"callbacks.inject.at_step": 2}
+HOPELESS = {"optim.lr": 1e-4, "scheduler.warmup_steps": 45, "callbacks.inject.at_step": 99}  # lr ≈ 2e-6 at step 1
 
 
 def search(sweep_dir: Path, data_dir: Path, n_trials: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "scripts/train.py", *SEARCH, f"hydra.sweeper.n_trials={n_trials}",
            f"hydra.sweep.dir={sweep_dir}", f"paths.data_dir={data_dir}"]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # InjectInf, for the runs' Hydra to instantiate
+    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # InjectGradient, for the runs' Hydra to instantiate
     # not check=True: the exit status counts failed runs (the diverging trial)
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -17,14 +17,13 @@ import lightning as L
 import pytest
 import submitit
 import torch
-from conftest import CONF_DIR, ROOT, compose_train_in
+from conftest import CONF_DIR, ROOT, SignalMidStep, compose_train_in, scalars
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import OmegaConf
-from test_preemption import SignalMidStep, scalars
 
 from gpt2lab.accelerator import resolve_accelerator
 from gpt2lab.sweep import read_events, run_dirs, scalar_series
@@ -136,7 +135,7 @@ def job(tmp_path_factory, data_dir) -> Job:
     # no hydra.run.dir: each task names its run dir after the job (slurm_<id>)
     command = [*RUN, f"data.batch_size={B}", f"paths.data_dir={data_dir}", f"paths.runs_dir={runs_dir}"]
     first = srun(job_id, bin_dir, root / "first", *command, SIGUSR1_ON_RANK_1)
-    steps_first = [s for s, _ in scalars(runs_dir / f"slurm_{job_id}", "train/loss")]
+    steps_first = [s for s, _ in scalars(runs_dir / f"slurm_{job_id}")["train/loss"]]
     requeued = srun(job_id, bin_dir, root / "requeued", *command, SIGUSR1_ON_RANK_1)  # requeued: the same command
     calls = calls.read_text().splitlines() if calls.exists() else []
     return Job(job_id, runs_dir, single, first, steps_first, requeued, calls)
@@ -173,7 +172,7 @@ def test_the_requeued_job_resumes_by_itself_and_trains_like_one_process_with_twi
     # both launches' steps, each once: 1..K before the signal, K+1..N after the requeue, with the optimizer's
     # state carried over (resumed with a fresh AdamW, the loss of step K+2 is ~2e-2 off)
     for tag in ("train/loss", "val/loss"):
-        job_curve, single_curve = scalars(job.run_dir, tag), scalars(job.single, tag)
+        job_curve, single_curve = scalars(job.run_dir)[tag], scalars(job.single)[tag]
         assert [s for s, _ in job_curve] == [s for s, _ in single_curve] and job_curve[-1][0] == N
         # the same updates in exact arithmetic: DDP averages the two ranks' mean gradients; float32 sums in
         # another order differ by ~1e-7 relative (see test_ddp for the tolerance)

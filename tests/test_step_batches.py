@@ -66,7 +66,7 @@ def test_llm_c_tiny_shakespeare_files_load_as_they_are(tmp_path):
 
 def test_a_data_error_is_one_line_from_the_training_script(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/train.py"), "model=tiny", "data=shards", f"paths.data_dir={tmp_path}",
+        [sys.executable, str(ROOT / "scripts/train.py"), "model=tiny", "accelerator=cpu", "data=shards", f"paths.data_dir={tmp_path}",
          f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -4,7 +4,6 @@ needed)."""
 
 import csv
 import json
-import os
 import runpy
 import socket
 import subprocess
@@ -17,40 +16,17 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, TINY_RUN, TOKENS_PER_RUN, read_summary, train_script
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 
-from gpt2lab import sweep
 from gpt2lab.errors import DataError
 from gpt2lab.metrics import unused_token_report
-from gpt2lab.sweep import read_events, scalar_series, summarize
-
-# every run: model=tiny, 2 optimizer steps of 4 × 32 tokens, validation (one batch) after each, no text samples
-TINY_RUN = ["model=tiny", "accelerator=cpu", "trainer.max_steps=2", "data.seq_len=32", "data.val_batches=1",
-            "train.val_every_n_steps=1", "~callbacks.text_samples"]  # fmt: skip
-TOKENS_PER_RUN = 2 * 4 * 32  # steps × data.batch_size (conf/data) × data.seq_len
-
-
-def train_script(*args: str, data_dir: Path, returncode: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "scripts/train.py", *args, f"paths.data_dir={data_dir}"]
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # for a fault callback defined here
-    done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == returncode, done.stderr[-3000:]
-    return done
-
-
-def run_dirs(sweep_dir: Path) -> list[Path]:
-    return sweep.run_dirs(sweep_dir)  # in job order
+from gpt2lab.sweep import read_events, run_dirs, scalar_series, summarize
 
 
 def tensorboard_runs(run_dir: Path) -> list[Path]:
     return sorted({p.parent for p in run_dir.glob("**/events.out.tfevents.*")})
-
-
-def read_summary(sweep_dir: Path) -> list[dict]:
-    with (sweep_dir / "summary.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import scalars
 
 from gpt2lab.train import train
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_train_loss.json"
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """What TensorBoard itself reads back from the run's event files."""
-    events = EventAccumulator(str(run_dir / "tb"))  # a multirun's are in its job dir (tests/test_sweeps.py)
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +20,9 @@ def tiny_run(tmp_path_factory, data_dir):
     from hydra import compose, initialize_config_dir
 
     run_dir = tmp_path_factory.mktemp("run")
-    overrides = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=30"]
+    # pinned: the golden curve is compared number for number, so the device and precision are the same on any host
+    overrides = [f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "model=tiny", "trainer.max_steps=30",
+                 "accelerator=cpu", "accelerator.precision=32-true"]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     return run_dir, train(cfg)
@@ -66,7 +61,8 @@ def test_tiny_run_matches_the_golden_loss_curve(tiny_run):
 @pytest.mark.slow
 def test_tiny_run_leaves_config_and_a_loadable_checkpoint(tiny_run):
     run_dir, _ = tiny_run
-    assert "name: cpu" in (run_dir / "resolved_config.yaml").read_text()
+    resolved = (run_dir / "resolved_config.yaml").read_text()
+    assert "name: cpu" in resolved and "precision: 32-true" in resolved
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 30 and ckpt["gpt2lab_format"] == 2
     assert ckpt["hyper_parameters"]["model"]["n_layer"] == 4

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train_in
+from conftest import RESUME_K, RESUME_N, SHORT_RUN, compose_train_in, scalars
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn import functional as F
 
@@ -257,17 +256,10 @@ VARIANTS = {
     ],
     "original": ["model.position=sinusoidal", "model.norm_placement=post", "model.tie_embeddings=false"],
 }
-N, K = 3, 2  # optimizer steps: the run, and the periodic checkpoint a resumed run starts from
-# validation at the last step only; the final weights hold every state a resume restores (moments, momentum,
-# schedule, the loader's position)
-RUN = ["model=tiny", "accelerator=cpu", "data.seq_len=32", "data.batch_size=2", "data.val_batches=1",
-       "train.val_every_n_steps=1000", "~callbacks.text_samples", "~callbacks.progress_bar"]  # fmt: skip
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+# RESUME_N optimizer steps, and the periodic checkpoint at RESUME_K a resumed run starts from; validation at the
+# last step only (SHORT_RUN): the final weights hold every state a resume restores (moments, momentum, schedule, the
+# loader's position)
+N, K, RUN = RESUME_N, RESUME_K, SHORT_RUN
 
 
 def assert_resumes_exactly(variant: list[str], tmp_path: Path, data_dir: Path) -> Path:
@@ -279,8 +271,8 @@ def assert_resumes_exactly(variant: list[str], tmp_path: Path, data_dir: Path) -
     ckpt = straight / "checkpoints" / f"step{K:06d}.ckpt"
     train(compose_train_in(resumed, data_dir, *RUN, *variant, f"trainer.max_steps={N}", f"ckpt_path={ckpt}"))
     for tag in ("train/loss", "train/grad_norm", "lr", "val/loss"):
-        expected = [(s, v) for s, v in scalars(straight, tag) if s > K]
-        assert scalars(resumed, tag) == expected and expected, tag
+        expected = [(s, v) for s, v in scalars(straight)[tag] if s > K]
+        assert scalars(resumed)[tag] == expected and expected, tag
     final = [torch.load(d / "checkpoints/last.ckpt", weights_only=False) for d in (straight, resumed)]
     assert final[1]["global_step"] == N
     for name, weight in final[0]["state_dict"].items():

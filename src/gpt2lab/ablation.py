@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.errors import DataError
+from gpt2lab.metrics import VAL_LOSS
 from gpt2lab.sweep import read_events, run_dirs, scalar_series
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def final_val_losses(sweep_dir: Path, group: str) -> dict[str, list[float]]:
     losses: dict[str, list[float]] = {}
     for run_dir in run_dirs(sweep_dir):
         choice = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices.get(group)
-        val_loss = scalar_series(read_events(run_dir), "val/loss")
+        val_loss = scalar_series(read_events(run_dir), VAL_LOSS)
         if choice is None or not val_loss:
             log.warning("%s: no %s choice or no val/loss; left out", run_dir, group)
             continue

@@ -10,10 +10,14 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gpt2lab.errors import CheckpointError, ConfigError
-from gpt2lab.hf import load_pretrained, load_weights
 from gpt2lab.model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
+
+# what gpt2lab adds to Lightning's checkpoint (GPTModule.on_save_checkpoint)
+FORMAT_KEY = "gpt2lab_format"
+FORMAT = 2  # bump when what a checkpoint holds changes; see GPTModule.on_load_checkpoint. 2: a train batch is a step
+VAL_LOSS_KEY = "gpt2lab_val_loss"  # the val/loss of the last validation before the checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,6 +59,29 @@ def resolve_checkpoint(ckpt: str | os.PathLike, runs_dir: str | os.PathLike) -> 
     )
 
 
+def shape_mismatches(model: GPT, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """'name: expected (..), found (..)' for every tensor of state_dict whose shape is not the model's."""
+    expected = model.state_dict()
+    return [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
+        for k, v in state_dict.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
+
+
+def load_weights(model: GPT, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy state_dict into model, or fail naming the tensors that are missing, extra or of another shape."""
+    mismatches = shape_mismatches(model, state_dict)
+    if mismatches:
+        raise CheckpointError(
+            f"{source} holds a model of another size: {'; '.join(mismatches[:3])}"
+            f"{f' (and {len(mismatches) - 3} more)' if len(mismatches) > 3 else ''}"
+        )
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source} is not a GPT-2 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> GPT:
     """The GPT of a training checkpoint, rebuilt from the config GPTModule saves in it
     (hyper_parameters.model); its weights are state_dict's `model.*` entries."""
@@ -76,6 +103,13 @@ def load_checkpoint(path: str | os.PathLike) -> GPT:
     return model
 
 
+def progress(path: str | os.PathLike) -> tuple[int, float | None]:
+    """A training checkpoint's optimizer steps done and the val/loss of its last validation (None if it has none),
+    read without loading its tensors into memory."""
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return ckpt["global_step"], ckpt.get(VAL_LOSS_KEY)
+
+
 def load_model(ckpt: str | os.PathLike | None, hf: str | os.PathLike | None, runs_dir: str | os.PathLike) -> GPT:
     """The model that ckpt (a training checkpoint, see resolve_checkpoint) or hf (Hugging Face GPT-2 weights:
     a hub name or a save_pretrained dir) names: exactly one of them. On the CPU, in train mode."""
@@ -85,6 +119,8 @@ def load_model(ckpt: str | os.PathLike | None, hf: str | os.PathLike | None, run
             f"(got ckpt={ckpt}, hf={hf})"
         )
     if hf is not None:
+        from gpt2lab.hf import load_pretrained  # transformers' side: only when asked for
+
         return load_pretrained(hf)
     path = resolve_checkpoint(ckpt, runs_dir)
     log.info("loading %s", path)

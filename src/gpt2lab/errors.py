@@ -45,7 +45,13 @@ def exit_on_user_error() -> Iterator[None]:
 
 
 class RunStopped(SystemExit):
-    """Training ended early (a signal, a non-finite step) after saving a checkpoint: exits non-zero."""
+    """Training ended early (a signal, a non-finite step) after saving a checkpoint: exits non-zero, printing
+    `message` (why, the checkpoint, how to resume). `reason` is why on one line ("at step 4: non-finite gradient
+    norm (...)", "interrupted by SIGINT after step 7"): what a sweep records, as data rather than text parsed back."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class RunRequeued(RunStopped):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab import tokenizer
+from gpt2lab.checkpoint import load_weights, shape_mismatches
 from gpt2lab.errors import CheckpointError
 from gpt2lab.model import GPT, GPTConfig
 
@@ -110,29 +111,6 @@ def config_from_hf(hf_config, source: str) -> GPTConfig:
         n_embd=hf_config.n_embd,
         tie_embeddings=getattr(hf_config, "tie_word_embeddings", True),
     )
-
-
-def shape_mismatches(model: GPT, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """'name: expected (..), found (..)' for every tensor of state_dict whose shape is not the model's."""
-    expected = model.state_dict()
-    return [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
-        for k, v in state_dict.items()
-        if k in expected and expected[k].shape != v.shape
-    ]
-
-
-def load_weights(model: GPT, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Copy state_dict into model, or fail naming the tensors that are missing, extra or of another shape."""
-    mismatches = shape_mismatches(model, state_dict)
-    if mismatches:
-        raise CheckpointError(
-            f"{source} holds a model of another size: {'; '.join(mismatches[:3])}"
-            f"{f' (and {len(mismatches) - 3} more)' if len(mismatches) > 3 else ''}"
-        )
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{source} is not a GPT-2 state dict: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_pretrained(name_or_dir: str | os.PathLike) -> GPT:

@@ -10,12 +10,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from gpt2lab import checkpoint as ckpt_format
 from gpt2lab.errors import CheckpointError, ConfigError
-from gpt2lab.metrics import unseen_token_mask, validation_metrics
+from gpt2lab.metrics import VAL_LOSS, unseen_token_mask, validation_metrics
 from gpt2lab.model import GPT, GPTConfig
 
-# bump when what a checkpoint holds changes; see on_load_checkpoint. 2: a train batch is one optimizer step
-CHECKPOINT_FORMAT = 2
 HIDDEN_LAYERS = "transformer.h."  # the blocks' parameters: optim=muon takes their matrices
 
 
@@ -43,8 +42,15 @@ class StepReport:
     tokens: int  # trained on in this step, all ranks
     time: float  # seconds from the start of the step to its update done: no validation, sampling or eval
     applied: bool  # False: the update was withheld (non-finite gradients, or an fp16 overflow)
+    last: bool  # the run's last step (trainer.max_steps reached)
     fault: str | None = None  # why it was withheld, when that is a fault to act on (never an fp16 overflow)
     val_loss: float | None = None  # of the weights after this step, when validation was due (else None)
+
+    def due(self, every_n_steps: int | None) -> bool:
+        """Whether work done every `every_n_steps` optimizer steps (validate, sample, evaluate, save, monitor) is due
+        after this step: at each multiple and at the run's last step (build-nanogpt: `step % every == 0 or
+        last_step`); None: at the last step only. The one rule every such callback follows."""
+        return self.last or (every_n_steps is not None and self.step % every_n_steps == 0)
 
 
 class GPTModule(L.LightningModule):
@@ -72,6 +78,7 @@ class GPTModule(L.LightningModule):
         self.make_optimizer, self.lr_schedule, self.compile_model = optimizer, lr_schedule, compile
         self.grad_clip, self.val_every_n_steps = grad_clip, val_every_n_steps
         self.register_buffer("unseen_tokens", None, persistent=False)  # set in setup from the data
+        self.val_loss: float | None = None  # of the last validation; saved in checkpoints
 
     def setup(self, stage: str) -> None:
         # the model stays unaware of data: the DataModule says which ids training never shows (when
@@ -130,11 +137,12 @@ class GPTModule(L.LightningModule):
             step=self.global_step, loss=step_loss, grad_norm=grad_norm, lr=lr,
             tokens=xs.numel() * self.trainer.world_size, time=time.perf_counter() - start,
             applied=math.isfinite(step_loss) and math.isfinite(grad_norm),
+            last=self.global_step >= self.trainer.max_steps,
         )  # fmt: skip
         if not report.applied and (scaler is None or not math.isfinite(step_loss)):
             report.fault = f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'}"
-        if report.step % self.val_every_n_steps == 0 or report.step == self.trainer.max_steps:
-            report.val_loss = self.validate()["val/loss"]
+        if report.due(self.val_every_n_steps):
+            report.val_loss = self.validate()[VAL_LOSS]
         # every scalar of this step at x = report.step (Lightning's `step` key), whichever hook logs it
         self.log("step", float(report.step))
         self.log("train/loss", step_loss, prog_bar=True)
@@ -155,7 +163,8 @@ class GPTModule(L.LightningModule):
         metrics = validation_metrics(self.model, self.trainer.datamodule.val_loader(), self.unseen_tokens, reduce_sums)
         self.model.train()
         values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
-        self.log_sparse(values, prog_bar=("val/loss",))
+        self.log_sparse(values, prog_bar=(VAL_LOSS,))
+        self.val_loss = values[VAL_LOSS]
         return values
 
     def log_sparse(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
@@ -200,18 +209,19 @@ class GPTModule(L.LightningModule):
         return configs[0] if len(configs) == 1 else configs
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["gpt2lab_format"] = CHECKPOINT_FORMAT
+        checkpoint[ckpt_format.FORMAT_KEY] = ckpt_format.FORMAT
+        checkpoint[ckpt_format.VAL_LOSS_KEY] = self.val_loss  # a finished run's result, without running it again
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        version = checkpoint.get("gpt2lab_format")
-        if version != CHECKPOINT_FORMAT:
+        version = checkpoint.get(ckpt_format.FORMAT_KEY)
+        if version != ckpt_format.FORMAT:
             why = {
                 None: "not written by gpt2lab",
                 1: "written by an older gpt2lab, whose train batches were micro-batches: its weights still load for "
                 "sampling, HellaSwag and export, but no run can resume from it",
             }
             raise CheckpointError(
-                f"checkpoint has gpt2lab_format {version}, this gpt2lab resumes format {CHECKPOINT_FORMAT} only: "
+                f"checkpoint has gpt2lab_format {version}, this gpt2lab resumes format {ckpt_format.FORMAT} only: "
                 + why.get(version, "written by a newer gpt2lab; upgrade it")
             )
         found = checkpoint.get("hyper_parameters", {}).get("model")

@@ -10,6 +10,8 @@ import torch
 from gpt2lab.errors import DataError
 from gpt2lab.model import GPT
 
+VAL_LOSS = "val/loss"  # the validation loss: what train() returns, a sweep compares and a search minimizes
+
 
 @torch.no_grad()
 def unused_token_sums(
@@ -77,7 +79,7 @@ def validation_metrics(
     if reduce_sums is not None:
         sums = reduce_sums(sums)
     positions = sums[1]
-    metrics = {"val/loss": sums[0] / positions}
+    metrics = {VAL_LOSS: sums[0] / positions}
     if unseen is None:
         return metrics
     seen_vocab_nll, unseen_mass_nll, unseen_target_nll, unseen_targets, unused_mass = sums[2:]
@@ -92,7 +94,7 @@ def validation_metrics(
     }
 
 
-UNUSED_TOKEN_TAGS = ("val/loss", "val/loss_seen_vocab", "val/unseen_mass_nll", "val/loss_unseen_targets",
+UNUSED_TOKEN_TAGS = (VAL_LOSS, "val/loss_seen_vocab", "val/unseen_mass_nll", "val/loss_unseen_targets",
                      "val/unseen_target_share", "val/unused_token_mass")  # fmt: skip
 # val/loss = the sum of these three at every validation (validation_metrics): name: (formula, its value from the tags)
 LOSS_PARTS = {
@@ -128,7 +130,7 @@ def unused_token_report(run_dir: str | Path, up_to_step: int | None = None) -> s
             "`python scripts/train.py experiment=unused_tokens` (its data dir must hold train_token_counts.npy)"
         )
     at = [{tag: series[tag][s] for tag in UNUSED_TOKEN_TAGS} for s in steps]
-    loss, mass = [t["val/loss"] for t in at], [t["val/unused_token_mass"] for t in at]
+    loss, mass = [t[VAL_LOSS] for t in at], [t["val/unused_token_mass"] for t in at]
     parts = {name: [part(t) for t in at] for name, (_, part) in LOSS_PARTS.items()}
     plot_unused_tokens(steps, loss, parts, mass, run_dir / "unused_tokens.png")
     drop, first, last = loss[0] - loss[-1], at[0], at[-1]

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn import functional as F
 
 ATTENTION = ("sdpa", "eager")  # how attention is computed; the same result either way
@@ -263,7 +263,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            # reshape, not view: targets may be a strided slice (seq[:, 1:])
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -276,6 +277,16 @@ class GPT(nn.Module):
         if non_embedding and not self.config.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
         return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at sequence length seq_len: 6·N + 12·n_layer·n_embd·T.
+
+        6·N: each of the N non-embedding parameters does a multiply-add (2 FLOPs) per token forward and twice that
+        backward (Kaplan et al. 2020); the tied token embedding counts once, as the lm_head matmul.
+        12·n_layer·n_embd·T: attention's q·kᵀ and att·v, 2·2·T·n_embd per token per layer forward, ×3 with
+        backward, causal masking not discounted (PaLM, appendix B; nanoGPT's estimate_mfu)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
 
 
 @torch.no_grad()

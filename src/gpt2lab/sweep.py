@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -22,10 +23,10 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from gpt2lab.config import in_multirun, swept_overrides
 from gpt2lab.errors import DataError, RunRequeued, RunStopped, user_error_message
+from gpt2lab.metrics import VAL_LOSS
 
 log = logging.getLogger(__name__)
 
-VAL_LOSS = "val/loss"
 FINAL_METRICS = ("final/val_loss", "final/tokens_seen")  # logged once, beside the hyperparameters
 SUMMARY_FILES = ("summary.csv", "summary.md", "val_loss.png")
 NOT_HPARAMS = ("hydra", "callbacks", "logger")  # config groups that do not change what a run learns
@@ -44,20 +45,30 @@ def write_run_status(run_dir: str | Path, status: str, detail: str | None = None
     Path(run_dir, RUN_STATUS_FILE).write_text(json.dumps({"status": status, "detail": detail}) + "\n")
 
 
-def read_run_status(run_dir: Path) -> str:
-    """`completed`, `stopped: <reason>`, `failed: <error>`, …; `unknown` without status.json (a run killed before
-    it could write one, or one from before status.json)."""
+class RunStatus(NamedTuple):
+    """How a run ended, as status.json records it: `status` one of RUN_STATUSES (or `unknown`), `detail` why."""
+
+    status: str
+    detail: str | None = None
+
+    def __str__(self) -> str:  # `completed`, `stopped: <reason>`, `failed: <error>`, `pruned: <when>`
+        return f"{self.status}: {self.detail}" if self.detail else self.status
+
+
+def read_run_status(run_dir: Path) -> RunStatus:
+    """The run's status.json; `unknown` without one (a run killed before it could write one, or one from before
+    status.json)."""
     path = run_dir / RUN_STATUS_FILE
     if not path.is_file():
-        return "unknown"
+        return RunStatus("unknown")
     record = json.loads(path.read_text())
-    return f"{record['status']}: {record['detail']}" if record.get("detail") else record["status"]
+    return RunStatus(record["status"], record.get("detail"))
 
 
 def how_it_ended(error: BaseException) -> tuple[str, str]:
     """A run's status and its detail, on one line, from what ended it."""
-    if isinstance(error, RunStopped):  # SafeStop's "stopped at step 4: <fault> (loss …); <advice>.\nResume with: …"
-        return "stopped", str(error).splitlines()[0].split("; ")[0].removeprefix("stopped ").rstrip(".")
+    if isinstance(error, RunStopped):
+        return "stopped", error.reason
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return "stopped", "interrupted"
     lines = str(error).strip().splitlines()
@@ -147,7 +158,8 @@ def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float, toke
 class RunSummary:
     run: str  # the run's dir, relative to the sweep dir
     overrides: str  # those that differ between the sweep's runs
-    status: str  # completed, stopped: <reason>, failed: <error>, pruned: <when> (read_run_status)
+    status: str  # how it ended: completed, stopped, failed, pruned, unknown (read_run_status)
+    detail: str | None  # why: the stop's reason, the error's one line, the pruning step
     final_val_loss: float | None
     best_val_loss: float | None
     tokens_seen: int | None
@@ -193,7 +205,8 @@ def summarize_run(run_dir: Path, sweep_dir: Path) -> tuple[RunSummary, list[tupl
     row = RunSummary(
         run=str(run_dir.relative_to(sweep_dir)),
         overrides=overrides,
-        status=read_run_status(run_dir),
+        status=(ended := read_run_status(run_dir)).status,
+        detail=ended.detail,
         final_val_loss=val_loss[-1][1] if val_loss else None,
         best_val_loss=min(v for _, v, _ in val_loss) if val_loss else None,
         tokens_seen=int(tokens[-1][1]) if tokens else None,
@@ -243,11 +256,15 @@ def markdown_table(rows: list[RunSummary]) -> str:
             return f"{value:.4f}" if field.endswith("loss") else f"{value:.1f}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
-    fields = list(asdict(rows[0]))
+    fields = [f for f in asdict(rows[0]) if f != "detail"]  # the status column says `status: detail`
     if all(r.overrides == r.run for r in rows):  # a run dir named by what its sweep varies (sweep_run_name)
         fields.remove("overrides")
+
+    def value(row: RunSummary, field: str):
+        return RunStatus(row.status, row.detail) if field == "status" else getattr(row, field)
+
     lines = ["| " + " | ".join(fields) + " |", "|" + " --- |" * len(fields)]
-    lines += ["| " + " | ".join(cell(f, getattr(r, f)) for f in fields) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(f, value(r, f)) for f in fields) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +281,7 @@ def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]],
     for row, curve in zip(rows, curves):
         if curve:
             steps, values = zip(*curve)
-            ended = "" if row.status == "completed" else f" ({row.status.split(':')[0]})"
+            ended = "" if row.status == "completed" else f" ({row.status})"
             ax.plot(steps, values, marker="o", markersize=3, label=(row.overrides or row.run) + ended)
     ax.set(xlabel="optimizer step", ylabel=VAL_LOSS, title=f"{path.parent.name}: {len(rows)} runs")
     ax.grid(alpha=0.3)
@@ -280,7 +297,7 @@ class SummarizeSweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         rows = summarize(config.hydra.sweep.dir)
-        failed = [row for row in rows if row.status.split(":")[0] not in WENT_WELL]
+        failed = [row for row in rows if row.status not in WENT_WELL]
         if failed:
             summary = Path(config.hydra.sweep.dir, SUMMARY_FILES[1])
             raise SystemExit(f"{len(failed)} of {len(rows)} runs failed: {summary}")

@@ -7,9 +7,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2lab import checkpoint
 from gpt2lab.accelerator import resolve_accelerator, set_up_process
 from gpt2lab.config import check_config, register_resolvers, slurm_job_id
 from gpt2lab.errors import ConfigError, RunStopped
+from gpt2lab.metrics import VAL_LOSS
 from gpt2lab.sweep import log_final_metrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,12 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
     resolve_accelerator(cfg.accelerator)  # each `auto` setting: the device's default
     check_config(cfg)
     ckpt_path = resume_from(cfg.ckpt_path, cfg.callbacks.model_checkpoint.dirpath)  # before any work
+    if ckpt_path is not None and cfg.ckpt_path is None:  # a requeued SLURM job resuming by itself (resume_from)
+        step, val_loss = checkpoint.progress(ckpt_path)
+        if step >= cfg.trainer.max_steps:  # requeued after its last step: nothing is left to do
+            log.info("%s is at step %d of trainer.max_steps=%d: the run is complete", ckpt_path, step,
+                     cfg.trainer.max_steps)  # fmt: skip
+            return float("nan") if val_loss is None else val_loss
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
@@ -64,13 +72,13 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
         logger=[instantiate(lg) for lg in cfg.logger.values()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if "val/loss" not in trainer.callback_metrics:  # no step ran: the checkpoint was already at max_steps
+    if VAL_LOSS not in trainer.callback_metrics:  # no step ran: the checkpoint was already at max_steps
         raise ConfigError(
             f"nothing to train: {ckpt_path} is at step {trainer.global_step}, "
             f"trainer.max_steps={cfg.trainer.max_steps}; "
             "raise trainer.max_steps to extend the run"
         )
-    val_loss = float(trainer.callback_metrics["val/loss"])  # validated at the last step
+    val_loss = float(trainer.callback_metrics[VAL_LOSS])  # validated at the last step
     log_final_metrics(trainer, cfg, val_loss, trainer.global_step * datamodule.tokens_per_step)
     log.info("final val/loss %.4f; run dir %s", val_loss, output_dir)
     return val_loss

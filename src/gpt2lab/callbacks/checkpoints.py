@@ -30,9 +30,9 @@ class Checkpoints(Checkpoint):
         return self.dirpath / "last.ckpt"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # one batch is one optimizer step
-        periodic = self.every_n_train_steps is not None and step % self.every_n_train_steps == 0
-        if periodic:
-            trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt")
-        if periodic or trainer.should_stop or step >= trainer.max_steps:
-            trainer.save_checkpoint(self.last)
+        report = outputs["report"]  # one batch is one optimizer step
+        if not (report.due(self.every_n_train_steps) or trainer.should_stop):
+            return
+        if self.every_n_train_steps and report.step % self.every_n_train_steps == 0:  # the periodic ones are kept
+            trainer.save_checkpoint(self.dirpath / f"step{report.step:06d}.ckpt")
+        trainer.save_checkpoint(self.last)

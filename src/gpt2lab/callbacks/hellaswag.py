@@ -19,8 +19,7 @@ class HellaSwagEval(L.Callback):
         self.examples = hellaswag.rank_zero_first(self.load_examples, trainer.is_global_zero, trainer.strategy.barrier)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = outputs["report"].step  # one batch is one optimizer step
-        if step % self.every_n_steps and step != trainer.max_steps:
+        if not outputs["report"].due(self.every_n_steps):  # one batch is one optimizer step
             return
         pl_module.eval()
         with trainer.precision_plugin.forward_context():  # the run's autocast

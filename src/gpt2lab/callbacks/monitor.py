@@ -2,33 +2,21 @@
 progress bar."""
 
 import time
-from functools import cache
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
-from gpt2lab.model import GPT
-
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16}  # fmt: skip
 
-
-def flops_per_token(model: GPT, seq_len: int) -> int:
-    """Training FLOPs (forward + backward) per token: 6·N + 12·n_layer·n_embd·T.
-
-    6·N: each of the N non-embedding parameters does a multiply-add (2 FLOPs) per token forward and
-    twice that backward (Kaplan et al. 2020); the tied token embedding counts once, as the lm_head
-    matmul. 12·n_layer·n_embd·T: attention's q·kᵀ and att·v, 2·2·T·n_embd per token per layer forward,
-    ×3 with backward, causal masking not discounted (PaLM, appendix B; nanoGPT's estimate_mfu)."""
-    c = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+MEASURED = ("cpu", "mps")  # devices with no datasheet figure: their peak is measured
+# the best FLOP/s seen on each (device type, dtype) of MEASURED, over this process's runs
+_measured_peaks: dict[tuple[str, torch.dtype], float] = {}
 
 
-@cache
-def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` n×n matmuls on this device at `dtype`: the ceiling a CPU reaches in
-    practice, where no datasheet figure applies. Measured once per process."""
+def time_matmul(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n×n matmuls on this device at `dtype`."""
     # constant operands: a dense matmul takes as long for any values, and drawing random ones would
     # shift the global RNG stream of the run being measured
     a = torch.full((n, n), 1.0 / n, device=device_type, dtype=dtype)
@@ -45,11 +33,30 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 2048, rep
     return 2 * n**3 / best
 
 
+def measured_peak_flops(device_type: str, dtype: torch.dtype, seen: float = 0.0) -> float:
+    """The ceiling a CPU (or MPS) reaches in practice, where no datasheet figure applies: the best FLOP/s this
+    process has seen the device reach at `dtype`. That is a large matmul timed the first time it is asked for; and
+    whenever a model is `seen` to run faster than that (the timing then ran beside other work on a shared machine,
+    which would put MFU above 1), the matmul timed again and the peak raised to the larger of the two: the device
+    has shown it does at least that much. So MFU never exceeds 1, and the peak recovers when the machine is quiet."""
+    key = (device_type, dtype)
+    if key not in _measured_peaks:
+        _measured_peaks[key] = time_matmul(device_type, dtype)
+    if seen > _measured_peaks[key]:
+        _measured_peaks[key] = max(seen, time_matmul(device_type, dtype, repeats=3))
+    return _measured_peaks[key]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a Trainer precision multiplies in."""
+    return PRECISION_DTYPES.get(str(precision), torch.float32)
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """The device's peak FLOP/s at the run's compute dtype: Lightning's datasheet table for GPUs (A100,
-    H100, H200, L4, ...), a measured large matmul for CPU and MPS; None for an unlisted GPU."""
-    dtype = PRECISION_DTYPES.get(str(precision), torch.float32)
-    if device.type in ("cpu", "mps"):
+    H100, H200, L4, ...), a measured large matmul for CPU and MPS (measured_peak_flops); None for an unlisted GPU."""
+    dtype = compute_dtype(precision)
+    if device.type in MEASURED:
         return measured_peak_flops(device.type, dtype)
     return get_available_flops(device, dtype)
 
@@ -66,20 +73,27 @@ class SpeedMonitor(L.Callback):
     def __init__(self, peak_flops: float | None = None):
         super().__init__()
         self.peak_flops = peak_flops  # FLOP/s of one device; None: from the table, or measured on cpu / mps
+        self.measured = False  # the peak is measured_peak_flops', raised when the model outruns it
         self.flops_per_token: dict[int, int] = {}  # by sequence length
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_flops is None:
             self.peak_flops = peak_flops(pl_module.device, trainer.precision)
+            self.measured = pl_module.device.type in MEASURED
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         report = outputs["report"]
         tokens_per_sec = report.tokens / report.time
         seq_len = batch[0].size(-1)
         if seq_len not in self.flops_per_token:
-            self.flops_per_token[seq_len] = flops_per_token(pl_module.model, seq_len)
+            self.flops_per_token[seq_len] = pl_module.model.flops_per_token(seq_len)
         pl_module.log("perf/step_time", report.time)
         pl_module.log("perf/tokens_per_sec", tokens_per_sec, prog_bar=True)
-        if self.peak_flops:
-            mfu = self.flops_per_token[seq_len] * tokens_per_sec / trainer.world_size / self.peak_flops
-            pl_module.log("perf/mfu", mfu, prog_bar=True)
+        if not self.peak_flops:
+            return  # a GPU missing from the datasheet table: no MFU
+        flops_per_sec = self.flops_per_token[seq_len] * tokens_per_sec / trainer.world_size  # of one device
+        if self.measured:
+            self.peak_flops = measured_peak_flops(
+                pl_module.device.type, compute_dtype(trainer.precision), flops_per_sec
+            )
+        pl_module.log("perf/mfu", flops_per_sec / self.peak_flops, prog_bar=True)

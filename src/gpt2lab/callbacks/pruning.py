@@ -8,7 +8,8 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.sweep import VAL_LOSS, write_run_status
+from gpt2lab.metrics import VAL_LOSS
+from gpt2lab.sweep import write_run_status
 
 log = logging.getLogger(__name__)
 

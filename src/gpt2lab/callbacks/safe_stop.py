@@ -28,7 +28,8 @@ class SafeStop(Callback):
 
     def __init__(self, on_nonfinite: OnNonFinite | str):
         self.on_nonfinite = OnNonFinite(on_nonfinite)
-        self.reason: str | None = None
+        self.reason: str | None = None  # why the run stops, on one line (RunStopped.reason)
+        self.headline: str | None = None  # the reason, said for the user, with what to do about it
         self._signal: str | None = None
         self._requeue = False  # SIGUSR1 reached some rank: rank 0 requeues the job
         self._previous_handlers: dict = {}
@@ -59,6 +60,9 @@ class SafeStop(Callback):
             log.warning("skipped optimizer step %d: %s (train.on_nonfinite=skip)", report.step, fault)
             fault = None
         signalled = trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
+        if signalled and report.last:  # the run is done: nothing to resume, no job to requeue
+            log.warning("a signal arrived during the last step: the run completes")
+            signalled = False
         if not (fault or signalled):
             return
         trainer.should_stop = True
@@ -66,12 +70,17 @@ class SafeStop(Callback):
             self._requeue = trainer.strategy.reduce_boolean_decision(self._signal == "SIGUSR1", all=False)
         if fault:
             self.reason = (
-                f"stopped at step {report.step}: {fault} (loss {report.loss:.4g}, grad norm {report.grad_norm:.4g}, "
-                f"lr {report.lr:.3g}); the step was not applied and last.ckpt holds the weights before it. Lower "
+                f"at step {report.step}: {fault} (loss {report.loss:.4g}, grad norm {report.grad_norm:.4g}, "
+                f"lr {report.lr:.3g})"
+            )
+            self.headline = (
+                f"stopped {self.reason}; the step was not applied and last.ckpt holds the weights before it. Lower "
                 "optim.lr or raise scheduler.warmup_steps, or set train.on_nonfinite=skip to step over such batches"
             )
         else:
-            self.reason = f"interrupted by {self._signal or 'a signal on another rank'} after step {report.step}"
+            self.reason = self.headline = (
+                f"interrupted by {self._signal or 'a signal on another rank'} after step {report.step}"
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -92,8 +101,9 @@ class SafeStop(Callback):
             else:
                 log.info("requeued SLURM job %s: it resumes from last.ckpt in %s", job, run_dir)
         raise (RunRequeued if self._requeue else RunStopped)(
-            f"{self.reason}.\nCheckpoint: {run_dir}/checkpoints/last.ckpt\nResume with: python scripts/train.py "
-            f"<the same overrides> ckpt_path=last hydra.run.dir={run_dir}"
+            self.reason,
+            f"{self.headline}.\nCheckpoint: {run_dir}/checkpoints/last.ckpt\n"
+            f"Resume with: python scripts/train.py <the same overrides> ckpt_path=last hydra.run.dir={run_dir}",
         )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 
 
 class TextSamples(L.Callback):
-    """Every `every_n_steps` optimizer steps, `num_samples` continuations of `prompt`, logged under the
-    TensorBoard text tag `samples` and to the console log.
+    """Every `every_n_steps` optimizer steps and at the last, `num_samples` continuations of `prompt`, logged under
+    the TensorBoard text tag `samples` and to the console log.
 
     Sampling draws from a generator of its own, seeded with `seed` every time: the training RNG stream,
     and so the run's losses, are exactly those of a run without this callback, and the samples at two
@@ -39,9 +39,9 @@ class TextSamples(L.Callback):
                          "top_k": top_k}  # fmt: skip
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = outputs["report"].step  # one batch is one optimizer step
-        if step % self.every_n_steps == 0 and trainer.is_global_zero:
-            self.log_samples(trainer, pl_module, step)
+        report = outputs["report"]  # one batch is one optimizer step
+        if report.due(self.every_n_steps) and trainer.is_global_zero:
+            self.log_samples(trainer, pl_module, report.step)
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         was_training = pl_module.training
