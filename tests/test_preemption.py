@@ -10,11 +10,9 @@ import signal
 import stat
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from conftest import compose_train_in
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import compose_train_in, scalars
 
 from gpt2lab.errors import RunRequeued
 from gpt2lab.train import RunStopped, train
@@ -27,32 +25,10 @@ SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "
          "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost"}  # fmt: skip
 
 
-class SignalMidStep(L.Callback):
-    """Sends `signals` to this process from the forward pass of micro-batch `micro` of optimizer step `step`."""
-
-    def __init__(self, signals: list[str], step: int, micro: int):
-        self.signals, self.step, self.micro, self.forwards = [signal.Signals[s] for s in signals], step, micro, 0
-
-    def on_train_start(self, trainer, pl_module):
-        def send(module, inputs):
-            if torch.is_grad_enabled() and trainer.global_step == self.step - 1:  # steps done before this one
-                if self.forwards == self.micro:
-                    for sig in self.signals:
-                        os.kill(os.getpid(), sig)
-                self.forwards += 1
-
-        pl_module.model.register_forward_pre_hook(send)
-
-
 def signal_at(step: int, micro: int, *signals: str) -> str:
-    return f"+callbacks.signal={{_target_:test_preemption.SignalMidStep,signals:[{','.join(signals)}],step:{step},micro:{micro}}}"
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of tag over every events file of the run dir (each process that ran in it wrote one)."""
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return (
+        f"+callbacks.signal={{_target_:conftest.SignalMidStep,signals:[{','.join(signals)}],step:{step},micro:{micro}}}"
+    )
 
 
 @pytest.fixture(scope="module")
