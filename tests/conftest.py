@@ -3,10 +3,13 @@ tiny runs' overrides, the scripts run as processes, and callbacks that inject fa
 
 import csv
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -211,3 +214,142 @@ def signal_at(step: int, micro: int, *signals: str) -> str:
     return (
         f"+callbacks.signal={{_target_:conftest.SignalMidStep,signals:[{','.join(signals)}],step:{step},micro:{micro}}}"
     )
+
+
+class SignalOnRank(SignalMidStep):
+    """SLURM's SIGUSR1 reaching one task of the job first (each node's slurmstepd signals its own tasks): sent to
+    the task of global rank `rank` only, from the forward pass of optimizer step `step`."""
+
+    def __init__(self, rank: int, step: int):
+        super().__init__(["SIGUSR1"], step, micro=0)
+        self.rank = rank
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == self.rank:
+            super().on_train_start(trainer, pl_module)
+
+
+# Processes started as a cluster's launcher starts them, each with the environment it would give them: srun
+# (test_slurm, test_multinode) and torchrun (test_multinode).
+
+# what launchers set for their processes: inherited from the test's environment, it would make Lightning pick
+# another cluster environment
+LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                 "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE")  # fmt: skip
+LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_")
+
+
+def launcher_free_env() -> dict[str, str]:
+    """This process's environment without a launcher's variables, with tests/ importable (callbacks given by
+    _target_) and one OpenMP thread (the processes of a job share this machine's cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+    python_path = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep a worktree's src/
+    return env | {"PYTHONPATH": os.pathsep.join(python_path), "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    """A port in 15000-24999 free on this host now (the rendezvous binds it seconds later: a race the tests accept)."""
+    for _ in range(100):
+        port = random.randint(15000, 24999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 15000-24999")
+
+
+def slurm_job_id_with_a_free_port() -> str:
+    """A job id whose rendezvous port is free here. Under srun nobody sets MASTER_PORT: SLURMEnvironment takes
+    15000 + the job id's last four digits (and MASTER_ADDR: the first host of SLURM_NODELIST)."""
+    return f"7{free_port() - 15000:04d}"
+
+
+def srun_env(job_id: str, rank: int, nodes: int, tasks_per_node: int, bin_dir: Path) -> dict[str, str]:
+    """The environment srun gives the task of global rank `rank` of a job of `sbatch --nodes=<nodes>
+    --ntasks-per-node=<tasks_per_node>`, every node being this host: node n is 127.0.0.<n+1> (a loopback
+    address), the node list in SLURM's compressed form. `bin_dir` goes first on PATH (a stand-in scontrol)."""
+    nodelist = f"127.0.0.[1-{nodes}]" if nodes > 1 else "127.0.0.1"
+    return launcher_free_env() | {
+        "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "train",  # not "bash"/"interactive": Lightning ignores those
+        "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": nodelist, "SLURM_NODELIST": nodelist,
+        "SLURM_NTASKS": str(nodes * tasks_per_node), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+        "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x{nodes})" if nodes > 1 else str(tasks_per_node),
+        "SLURM_CPUS_PER_TASK": "1", "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank % tasks_per_node), "SLURM_NODEID": str(rank // tasks_per_node),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+
+
+def stand_in_scontrol(bin_dir: Path) -> Path:
+    """An `scontrol` in bin_dir that records the arguments of each call, a line each, in the file returned."""
+    calls = bin_dir / "scontrol_calls"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    return calls
+
+
+def run_together(processes: list[tuple[list[str], dict[str, str]]], out_dir: Path) -> list[tuple[int, str]]:
+    """Start each (command, environment) in the repository root, all at once as a launcher starts a job's
+    processes, and wait for all of them: (exit status, output) of each."""
+    out_dir.mkdir(parents=True)
+    outputs = [out_dir / f"process{i}.out" for i in range(len(processes))]
+    started = []
+    for (cmd, env), output in zip(processes, outputs):
+        with output.open("w") as out:  # a file, not a pipe: a full pipe would stall the process and its peers
+            # a session of its own: a launcher's workers (torchrun's) end with it
+            started.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True))  # fmt: skip
+    try:
+        for process in started:
+            process.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # e.g. a rendezvous never met: the tests fail on what the processes wrote
+        pass
+    finally:
+        for process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return [(process.returncode, output.read_text()) for process, output in zip(started, outputs)]
+
+
+def srun(job_id: str, nodes: int, tasks_per_node: int, bin_dir: Path, out_dir: Path, *overrides: str):
+    """Start the job's tasks as srun does (the same `scripts/train.py trainer=slurm` command, each its own
+    SLURM_PROCID) and wait for all of them: (exit status, output) of each task, by rank."""
+    cmd = [sys.executable, "scripts/train.py", "trainer=slurm", *overrides]
+    tasks = range(nodes * tasks_per_node)
+    return run_together([(cmd, srun_env(job_id, rank, nodes, tasks_per_node, bin_dir)) for rank in tasks], out_dir)
+
+
+@dataclass
+class RequeuedJob:
+    """A SLURM job rehearsed here: its tasks started, SIGUSR1 to one of them mid-run, and started again, as after
+    the `scontrol requeue` this brings."""
+
+    id: str
+    runs_dir: Path
+    first: list[tuple[int, str]]  # each task's exit status and output, as SIGUSR1 stopped them
+    steps_first: list[int]  # the train/loss steps logged when it stopped
+    requeued: list[tuple[int, str]]  # the same job started again
+    scontrol_calls: list[str]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / f"slurm_{self.id}"
+
+
+def requeued_job(root: Path, nodes: int, tasks_per_node: int, signalled_rank: int, step: int, *overrides: str):
+    """Run a SLURM job of `nodes` × `tasks_per_node` tasks with `overrides` in `root`: SIGUSR1 reaches the task of
+    rank `signalled_rank` during optimizer step `step`; then the same job again, as requeued."""
+    calls = stand_in_scontrol(root / "bin")
+    job_id, runs_dir = slurm_job_id_with_a_free_port(), root / "runs"
+    sigusr1 = f"+callbacks.usr1={{_target_:conftest.SignalOnRank,rank:{signalled_rank},step:{step}}}"
+    # no hydra.run.dir: each task names its run dir after the job (slurm_<id>)
+    command = [*overrides, f"paths.runs_dir={runs_dir}", sigusr1]
+    first = srun(job_id, nodes, tasks_per_node, root / "bin", root / "first", *command)
+    steps_first = [s for s, _ in scalars(runs_dir / f"slurm_{job_id}")["train/loss"]]
+    requeued = srun(job_id, nodes, tasks_per_node, root / "bin", root / "requeued", *command)  # the same command
+    scontrol_calls = calls.read_text().splitlines() if calls.exists() else []
+    return RequeuedJob(job_id, runs_dir, first, steps_first, requeued, scontrol_calls)

@@ -8,12 +8,11 @@ real train() calls, read back from their TensorBoard files and checkpoints."""
 import json
 import os
 import signal
-import stat
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train_in, scalars, signal_at, train_script
+from conftest import compose_train_in, scalars, signal_at, stand_in_scontrol, train_script
 
 from gpt2lab.errors import RunRequeued
 from gpt2lab.train import RunStopped, train
@@ -68,12 +67,8 @@ def test_signal_mid_accumulation_finishes_the_step_and_resumes_to_the_straight_r
 @pytest.fixture
 def slurm_job(tmp_path, monkeypatch) -> Path:
     """This process as SLURM job 4242's one task, with a stand-in scontrol on PATH; the file it records its calls in."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    calls = stand_in_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
     return calls

@@ -6,18 +6,14 @@ README's Sweeps section."""
 
 import csv
 import os
-import random
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import pytest
 import submitit
 import torch
-from conftest import CONF_DIR, ROOT, SignalMidStep, compose_train_in, scalars
+from conftest import CONF_DIR, ROOT, compose_train_in, requeued_job, scalars
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
@@ -34,111 +30,21 @@ N, K = 4, 2  # optimizer steps: the whole run, and the step during which SIGUSR1
 # fp32 on every CPU: the comparison with one process is of float32 sums in two orders (as in test_ddp)
 RUN = ["model=tiny", "accelerator=cpu", "accelerator.precision=32-true", f"data.seq_len={T}", "data.val_batches=1",
        f"trainer.max_steps={N}", "train.val_every_n_steps=2", "~callbacks.text_samples"]  # fmt: skip
-# set by launchers other than srun; inherited, they would make Lightning pick another cluster environment
-OTHER_LAUNCHERS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                        "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")  # fmt: skip
-
-
-class SignalOnRank(SignalMidStep):
-    """SLURM's SIGUSR1 reaching one task of the job first (each node's slurmstepd signals its own tasks): sent to
-    the task of global rank `rank` only, from the forward pass of optimizer step `step`."""
-
-    def __init__(self, rank: int, step: int):
-        super().__init__(["SIGUSR1"], step, micro=0)
-        self.rank = rank
-
-    def on_train_start(self, trainer, pl_module):
-        if trainer.global_rank == self.rank:
-            super().on_train_start(trainer, pl_module)
-
-
-SIGUSR1_ON_RANK_1 = f"+callbacks.usr1={{_target_:test_slurm.SignalOnRank,rank:1,step:{K}}}"
-
-
-def job_id_with_a_free_port() -> str:
-    """A job id whose rendezvous port is free here. Under srun nobody sets MASTER_PORT: SLURMEnvironment takes
-    15000 + the job id's last four digits (and MASTER_ADDR: the first host of SLURM_NODELIST)."""
-    for _ in range(100):
-        port = random.randint(15000, 24999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return f"7{port - 15000:04d}"
-    raise RuntimeError("no free port in 15000-24999")
-
-
-def srun_task_env(job_id: str, rank: int, bin_dir: Path) -> dict[str, str]:
-    """The environment srun gives task `rank` of a job of `sbatch --nodes=1 --ntasks-per-node=2` on this host."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in OTHER_LAUNCHERS_VARS}
-    return env | {
-        "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "train",  # not "bash"/"interactive": Lightning ignores those
-        "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NODELIST": "127.0.0.1",
-        "SLURM_NTASKS": str(TASKS), "SLURM_NTASKS_PER_NODE": str(TASKS), "SLURM_TASKS_PER_NODE": str(TASKS),
-        "SLURM_CPUS_PER_TASK": "1", "OMP_NUM_THREADS": "1",  # 2 tasks on this machine's 2 cores
-        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # the stand-in scontrol
-        "PYTHONPATH": f"{ROOT / 'tests'}",  # SignalOnRank
-    }  # fmt: skip
-
-
-def srun(job_id: str, bin_dir: Path, out_dir: Path, *overrides: str) -> list[tuple[int, str]]:
-    """Start the job's tasks as srun does (the same command, each its own SLURM_PROCID), wait for all of them;
-    (exit status, output) of each task."""
-    cmd = [sys.executable, "scripts/train.py", "trainer=slurm", *overrides]
-    out_dir.mkdir(parents=True)
-    outputs = [out_dir / f"task{rank}.out" for rank in range(TASKS)]
-    tasks = []
-    for rank, output in enumerate(outputs):
-        with output.open("w") as out:  # a file, not a pipe: a full pipe would stall the task and its peer
-            env = srun_task_env(job_id, rank, bin_dir)
-            tasks.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        for task in tasks:
-            task.wait(timeout=300)
-    except subprocess.TimeoutExpired:  # e.g. a rendezvous never met: the tests fail on what the tasks wrote
-        pass
-    finally:
-        for task in tasks:
-            if task.poll() is None:
-                task.kill()
-                task.wait()
-    return [(task.returncode, output.read_text()) for task, output in zip(tasks, outputs)]
-
-
-@dataclass
-class Job:
-    id: str
-    runs_dir: Path
-    single: Path  # the run of one process with twice the batch
-    first: list[tuple[int, str]]  # each task's exit status and output, as SIGUSR1 stopped them
-    steps_first: list[int]  # the train/loss steps logged when it stopped
-    requeued: list[tuple[int, str]]  # the same job started again, as after `scontrol requeue`
-    scontrol_calls: list[str]
-
-    @property
-    def run_dir(self) -> Path:
-        return self.runs_dir / f"slurm_{self.id}"
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, data_dir) -> Job:
-    root = tmp_path_factory.mktemp("slurm")
-    single = root / "single"
-    train(compose_train_in(single, data_dir, *RUN, f"data.batch_size={TASKS * B}"))  # also prepares the data
-    bin_dir, calls = root / "bin", root / "scontrol_calls"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    job_id, runs_dir = job_id_with_a_free_port(), root / "runs"
-    # no hydra.run.dir: each task names its run dir after the job (slurm_<id>)
-    command = [*RUN, f"data.batch_size={B}", f"paths.data_dir={data_dir}", f"paths.runs_dir={runs_dir}"]
-    first = srun(job_id, bin_dir, root / "first", *command, SIGUSR1_ON_RANK_1)
-    steps_first = [s for s, _ in scalars(runs_dir / f"slurm_{job_id}")["train/loss"]]
-    requeued = srun(job_id, bin_dir, root / "requeued", *command, SIGUSR1_ON_RANK_1)  # requeued: the same command
-    calls = calls.read_text().splitlines() if calls.exists() else []
-    return Job(job_id, runs_dir, single, first, steps_first, requeued, calls)
+def single(tmp_path_factory, data_dir):
+    """The run of one process with twice the batch (it also prepares the data)."""
+    run_dir = tmp_path_factory.mktemp("single")
+    train(compose_train_in(run_dir, data_dir, *RUN, f"data.batch_size={TASKS * B}"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, data_dir, single):
+    """One node, 2 tasks; SIGUSR1 to rank 1 during step K."""
+    command = [*RUN, f"data.batch_size={B}", f"paths.data_dir={data_dir}"]
+    return requeued_job(tmp_path_factory.mktemp("slurm"), 1, TASKS, 1, K, *command)
 
 
 @pytest.mark.slow
@@ -164,7 +70,7 @@ def test_sigusr1_on_one_task_stops_every_task_after_the_same_step_and_requeues_t
 
 
 @pytest.mark.slow
-def test_the_requeued_job_resumes_by_itself_and_trains_like_one_process_with_twice_the_batch(job):
+def test_the_requeued_job_resumes_by_itself_and_trains_like_one_process_with_twice_the_batch(job, single):
     for status, output in job.requeued:
         assert status == 0, output
         assert f"SLURM job {job.id} was requeued: resuming from {job.run_dir}/checkpoints/last.ckpt" in output
@@ -172,7 +78,7 @@ def test_the_requeued_job_resumes_by_itself_and_trains_like_one_process_with_twi
     # both launches' steps, each once: 1..K before the signal, K+1..N after the requeue, with the optimizer's
     # state carried over (resumed with a fresh AdamW, the loss of step K+2 is ~2e-2 off)
     for tag in ("train/loss", "val/loss"):
-        job_curve, single_curve = scalars(job.run_dir)[tag], scalars(job.single)[tag]
+        job_curve, single_curve = scalars(job.run_dir)[tag], scalars(single)[tag]
         assert [s for s, _ in job_curve] == [s for s, _ in single_curve] and job_curve[-1][0] == N
         # the same updates in exact arithmetic: DDP averages the two ranks' mean gradients; float32 sums in
         # another order differ by ~1e-7 relative (see test_ddp for the tolerance)

@@ -30,10 +30,18 @@ def slurm_job_id() -> str | None:
 
 
 def new_run_name() -> str:
-    """A run dir name that two runs started in the same second on one machine never share; under SLURM the
-    job's id, so that a requeued job runs in the same dir again (and resumes from its last.ckpt)."""
+    """A run dir name that two runs started in the same second on one machine never share, and that every process
+    of one run, on every node, agrees on: under SLURM the job's id, so that a requeued job runs in the same dir
+    again (and resumes from its last.ckpt); under torchrun its rendezvous id (`--rdzv-id`, one per job)."""
     if job := slurm_job_id():
         return f"slurm_{job}"
+    if rdzv_id := os.environ.get("TORCHELASTIC_RUN_ID"):
+        if rdzv_id == "none" and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun's default: each rank would name its own
+            raise ConfigError(
+                "torchrun without --rdzv-id gives its workers no common run dir: pass --rdzv-id=<a job id> (the same "
+                "on every node), or hydra.run.dir=<a dir on the shared filesystem>"
+            )
+        return f"torchrun_{rdzv_id}"
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
 
 

@@ -54,6 +54,9 @@ class GPTDataModule(L.LightningDataModule):
         """`source` (None: the shards are already there, e.g. made by llm.c) is tokenized into `data_dir` when
         its shards are missing, with the settings `prepare` (gpt2lab.data.prepare's keyword arguments)."""
         super().__init__()
+        # one process of the whole job prepares, the others wait: nodes share the data dir (as they share the run
+        # dir), and two nodes preparing it at once would delete and write each other's shards
+        self.prepare_data_per_node = False
         self.source, self.data_dir, self.prepare_settings = source, Path(data_dir), dict(prepare)
         self.batch_size, self.seq_len, self.total_batch_size = batch_size, seq_len, total_batch_size
         self.micro_batches = 1  # per optimizer step: known in setup, from the world size
@@ -61,7 +64,7 @@ class GPTDataModule(L.LightningDataModule):
         self.val_batches, self.num_workers, self.debug_batches = val_batches, num_workers, debug_batches
 
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node, before setup on every rank
+        # Lightning calls this on global rank 0 only (the others wait), before setup on every rank
         if self.source is not None:
             prepare(self.source, self.data_dir, **self.prepare_settings)
 
