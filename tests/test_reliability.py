@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import lightning as L
@@ -75,8 +74,9 @@ def start_training(cwd: Path, data_dir: Path, *overrides: str) -> subprocess.Pop
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 180) -> str:
-    """Read the output until the progress bar shows `step` finished batches; the list keeps filling."""
+def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 180) -> tuple[list[str], threading.Thread]:
+    """Read the output until the progress bar shows `step` finished batches; the list keeps filling until the
+    process ends (join the thread returned to have all of it)."""
     seen, done = [], threading.Event()
 
     def read():
@@ -85,9 +85,10 @@ def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 180) -> st
             if any(int(n) >= step for n in re.findall(r"\| *(\d+)/\d+ \[", "".join(seen)[-2000:])):
                 done.set()
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     assert done.wait(timeout), "".join(seen)[-3000:]
-    return seen
+    return seen, reader
 
 
 @pytest.mark.slow
@@ -96,10 +97,10 @@ def test_signal_writes_a_checkpoint_after_the_current_step_and_says_how_to_resum
     proc = start_training(
         tmp_path, data_dir, "trainer.max_steps=100000", "train.total_batch_size=256", "hydra.run.dir=run"
     )
-    seen = wait_for_step(proc, 3)
+    seen, reader = wait_for_step(proc, 3)
     proc.send_signal(sig)
     proc.wait(timeout=120)
-    time.sleep(0.2)  # let the reader thread drain
+    reader.join(timeout=60)  # the output to its end
     err = "".join(seen)
     assert proc.returncode != 0
     assert f"interrupted by {sig.name} after step" in err and "Resume with: python scripts/train.py" in err
