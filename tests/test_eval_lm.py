@@ -85,17 +85,23 @@ def random_model(**switches) -> GPT:
     return model
 
 
-def hellaswag_local(examples_file):
-    """conf/lm_eval_tasks/hellaswag_local.yaml as scripts/eval_lm.py gives it to lm-eval, reading examples_file."""
+def local_task(name: str, examples_file):
+    """conf/lm_eval_tasks/<name>.yaml as scripts/eval_lm.py gives it to lm-eval, HellaSwag read from examples_file."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval_lm", overrides=[f"hellaswag.load_examples.path={examples_file}"])
-    return instantiate(cfg.local_tasks.hellaswag_local, _convert_="all")
+    return instantiate(cfg.local_tasks[name], _convert_="all")
+
+
+@pytest.mark.parametrize("name", sorted(f.stem for f in (CONF_DIR / "lm_eval_tasks").glob("*.yaml")))
+def test_every_local_task_is_in_eval_lms_defaults_and_builds_with_its_data(name, examples_file):
+    task = local_task(name, examples_file)  # a KeyError: the file is missing from conf/eval_lm.yaml's defaults
+    assert task.config.task == name and len(task.eval_docs) > 0
 
 
 def lm_eval_samples(lm: GPT2LabLM, examples_file) -> tuple[dict, list[dict]]:
     """lm-eval's results on hellaswag_local, and its per-example records in the order of the file."""
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=[hellaswag_local(examples_file)], task_manager=TaskManager(include_defaults=False)
+        model=lm, tasks=[local_task("hellaswag_local", examples_file)], task_manager=TaskManager(include_defaults=False)
     )
     assert results["n-samples"]["hellaswag_local"]["effective"] == len(EXAMPLES)
     samples = sorted(results["samples"]["hellaswag_local"], key=lambda sample: sample["doc_id"])
