@@ -2,6 +2,7 @@
 text out. The model comes from gpt2lab.checkpoint.load_model; scripts/sample.py joins the two."""
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -38,10 +39,13 @@ def generate(
     generator: torch.Generator | None = None,
     stop_token: int | None = None,
     kv_cache: bool = True,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Extend each row of idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + new).
 
-    A row that samples stop_token is padded with it from then on; generation ends when all rows have.
+    A row that samples stop_token is padded with it from then on; generation ends when all rows have, or when
+    stop (given the tokens generated so far, (B, new)) says of every row that it is complete (B,): e.g. that a
+    stop string appeared in its text.
     With kv_cache, each step runs the model on the newest token only; without, on the whole context.
     Both give the same tokens.
     """
@@ -52,6 +56,7 @@ def generate(
     block_size = model.config.block_size
     cache = KVCache(model.config) if kv_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    prompt_len = idx.size(1)
     for _ in range(max_new_tokens):
         if cache is not None and idx.size(1) <= block_size:
             # the cache holds every position but the newest: run only those (the whole prompt, at first)
@@ -66,6 +71,8 @@ def generate(
             next_token = next_token.masked_fill(done[:, None], stop_token)
             done |= next_token[:, 0] == stop_token
         idx = torch.cat([idx, next_token], dim=1)
+        if stop is not None:
+            done |= stop(idx[:, prompt_len:])
         if done.all():
             break
     return idx
