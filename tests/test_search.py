@@ -40,7 +40,8 @@ HOPELESS = {"optim.lr": 1e-4, "scheduler.warmup_steps": 45, "callbacks.inject_in
 def search(sweep_dir: Path, data_dir: Path, n_trials: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "scripts/train.py", *SEARCH, f"hydra.sweeper.n_trials={n_trials}",
            f"hydra.sweep.dir={sweep_dir}", f"paths.data_dir={data_dir}"]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # InjectInf, for the runs' Hydra to instantiate
+    path = filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])  # the caller's too: a worktree's src
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(path)}  # InjectInf, for the runs' Hydra to instantiate
     # not check=True: the exit status counts failed runs (the diverging trial)
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

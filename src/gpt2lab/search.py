@@ -24,7 +24,6 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from gpt2lab.errors import ConfigError, RunStopped
-from gpt2lab.sweep import read_run_status
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +162,11 @@ def trial_state(study: optuna.Study, number: int) -> TrialState:
     return next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
-def run_dir(result: JobReturn) -> Path:
-    return Path(result.hydra_cfg.hydra.runtime.output_dir)
+def run_status(result: JobReturn) -> str:
+    """How the run ended, as its status.json says."""
+    from gpt2lab.sweep import read_run_status  # it imports Lightning, which a search of a task without it need not
+
+    return read_run_status(Path(result.hydra_cfg.hydra.runtime.output_dir))
 
 
 def run_value(result: JobReturn | BaseException) -> float:
@@ -175,7 +177,7 @@ def run_value(result: JobReturn | BaseException) -> float:
         raise result._return_value
     value = float(result.return_value)
     if not math.isfinite(value):  # a run of a multirun that stopped or failed returns nan (recording_run_end)
-        raise ValueError(read_run_status(run_dir(result)))
+        raise ValueError(run_status(result))
     return value
 
 
@@ -189,7 +191,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn | BaseExcep
         ended = "failed: " + (next(iter(str(error).splitlines()), "") or type(error).__name__)
     else:
         if trial_state(study, trial.number) == TrialState.PRUNED:
-            ended = read_run_status(run_dir(result))
+            ended = run_status(result)
         else:
             study.tell(trial, value)
             ended = f"val/loss {value:.4f}"
