@@ -1,7 +1,9 @@
 """Optuna search end to end on CPU: the real sweeper (hydra_plugins/gpt2lab_optuna) driving scripts/train.py, a
 pruner stopping a hopeless trial from its val/loss, a diverging trial failing without ending the study, and the
-study resumed from its SQLite file after a search was killed."""
+study resumed from its SQLite file after a search was killed; and the sweeper driving tests/search_app.py, whose
+trials cost milliseconds: a resumed study or two searches sharing one never draw a trial twice."""
 
+import itertools
 import json
 import os
 import socket
@@ -20,7 +22,7 @@ from optuna.trial import TrialState
 from test_reliability import InjectInf  # an inf gradient at a chosen step: a run that diverges
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.search import search_space
+from gpt2lab.search import TrialSeededSampler, search_space
 from gpt2lab.sweep import read_events, run_hparams, scalar_series
 
 # model=tiny, 3 optimizer steps of 2 × 32 tokens, validation (one batch) after each; the median pruner active once
@@ -44,6 +46,19 @@ def search(sweep_dir: Path, data_dir: Path, n_trials: int) -> subprocess.Complet
     env = os.environ | {"PYTHONPATH": os.pathsep.join(path)}  # InjectInf, for the runs' Hydra to instantiate
     # not check=True: the exit status counts failed runs (the diverging trial)
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def search_app(sweep_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "tests/search_app.py", f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def app_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="app", storage=f"sqlite:///{sweep_dir}/optuna.db").get_trials()
+
+
+def repeats(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[int, int]]:
+    """The pairs of trials (by number) that drew the same parameters."""
+    return [(a.number, b.number) for a, b in itertools.combinations(trials, 2) if a.params == b.params]
 
 
 def val_steps(run_dir: Path) -> list[int]:
@@ -126,5 +141,40 @@ def test_each_run_of_a_search_builds_the_studys_pruner_from_the_sweepers_config(
     )
     kind = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
     assert type(callback.pruner) is kind.get(pruner, optuna.pruners.NopPruner)
-    assert isinstance(instantiate(cfg.hydra.sweeper.sampler), optuna.samplers.TPESampler)
+    assert instantiate(cfg.hydra.sweeper.sampler).func is optuna.samplers.TPESampler  # built per trial
+    assert cfg.hydra.sweeper.seed == cfg.seed
     assert next(iter(run_hparams(cfg).items())) == ("search.trial", 7)  # first in the HParams tab
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ["hydra/sweeper/sampler=random"],
+        # resumed before its start-up trials are done (random draws); trials 4 and 5 drawn from its model
+        ["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=4"],
+    ],
+    ids=["random", "tpe"],
+)
+def test_a_resumed_search_draws_new_trials_as_an_uninterrupted_one_would(tmp_path, sampler):
+    resumed, uninterrupted = tmp_path / "resumed", tmp_path / "uninterrupted"
+    for sweep_dir, n_trials in [(resumed, 3), (resumed, 6), (uninterrupted, 6)]:
+        subprocess.run(search_app(sweep_dir, *sampler, f"hydra.sweeper.n_trials={n_trials}"),
+                       check=True, cwd=ROOT, capture_output=True, timeout=300)  # fmt: skip
+    trials = app_trials(resumed)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert repeats(trials) == []
+    assert [t.params for t in trials] == [t.params for t in app_trials(uninterrupted)]  # the same seed: the same trials
+
+
+def test_the_sweepers_seed_chooses_its_trials_and_a_sampler_config_may_not_seed_them(compose_train):
+    cfg = compose_train("hparams_search=lr_optuna", return_hydra_config=True).hydra.sweeper
+    space = {"x": FloatDistribution(0, 1)}
+
+    def first_draws(seed: int) -> list[float]:
+        study = optuna.create_study(sampler=TrialSeededSampler(instantiate(cfg.sampler), seed))
+        return [study.ask(space).params["x"] for _ in range(3)]
+
+    assert first_draws(0) == first_draws(0) != first_draws(1)
+    assert first_draws(1)[:2] != first_draws(0)[1:]  # not seed 0's trials shifted by one
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler: must be a factory without a seed"):
+        TrialSeededSampler(instantiate(cfg.sampler, seed=5), 0)

@@ -2,15 +2,19 @@
 conf/hparams_search/, conf/hydra/sweeper/): a study over any overrides, each trial a normal run of the multirun in
 <sweep dir>/<trial number>, pruned on its val/loss as it trains (gpt2lab.callbacks.pruning). The study lives in a
 storage URL, SQLite in the sweep dir by default: running the same command again resumes it, and several machines
-given one database URL feed one study."""
+given one database URL feed one study. Each trial's sampler is seeded by the search's seed and the trial's number,
+so a resumed or shared study never repeats a trial and a new one with the same seed draws the same trials."""
 
 import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -21,7 +25,8 @@ from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
 
 from gpt2lab.errors import ConfigError, RunStopped
 
@@ -62,6 +67,59 @@ def search_space(overrides: Sequence[Override]) -> tuple[list[str], dict[str, Ba
     return fixed, space
 
 
+class TrialSeededSampler(BaseSampler):
+    """A sampler built afresh for each trial by `make_sampler(seed=...)`, seeded by `seed` and the trial's number
+    (None: unseeded). A seed per process would replay the same draws in every process that asks: a resumed study
+    would repeat its first trials, and searches sharing a storage each other's. Trial numbers are unique in a
+    storage (assigned atomically), so no two trials of a study share a seed, and a new study with the same seed
+    draws the same trials again. TPE and the random sampler keep no history of their own (TPE reads the study's
+    trials at each draw), so one per trial samples as one for the whole study would."""
+
+    def __init__(self, make_sampler: Callable[..., BaseSampler], seed: int | None):
+        if not isinstance(make_sampler, partial) or "seed" in make_sampler.keywords:
+            raise ConfigError(
+                "hydra.sweeper.sampler: must be a factory without a seed (`_partial_: true`, as "
+                "conf/hydra/sweeper/sampler/tpe.yaml); the sweeper seeds each trial's from hydra.sweeper.seed"
+            )
+        self.make_sampler, self.seed = make_sampler, seed
+        self.samplers: dict[int, BaseSampler] = {}  # by trial number, from its ask to its tell
+
+    def trial_sampler(self, trial: FrozenTrial) -> BaseSampler:
+        if trial.number not in self.samplers:
+            seed = None if self.seed is None else trial_seed(self.seed, trial.number)
+            self.samplers[trial.number] = self.make_sampler(seed=seed)
+        return self.samplers[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.trial_sampler(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.trial_sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.trial_sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, distribution: BaseDistribution
+    ) -> Any:
+        return self.trial_sampler(trial).sample_independent(study, trial, param_name, distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        # a trial pruned in its run is told there, so its sampler stays here: a few objects until the search ends
+        self.trial_sampler(trial).after_trial(study, trial, state, values)
+        del self.samplers[trial.number]
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """Trial `number`'s sampler seed: mixed, not added (seed + number would give seed 1's study the trials of seed
+    0's, shifted by one)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])  # uint32, as numpy's RandomState takes
+
+
 def trial_overrides(fixed: list[str], trial: optuna.Trial) -> list[str]:
     return [*fixed, *(f"{key}={value}" for key, value in trial.params.items()), f"{TRIAL_KEY}={trial.number}"]
 
@@ -71,9 +129,9 @@ class OptunaSearch:
     imports every plugin, never imports Optuna). Trials run `n_jobs` at a time through Hydra's launcher, until the
     study holds `n_trials` trials (finished or running): a study stopped early goes on where it stopped."""
 
-    def __init__(self, study_name, direction, storage, n_trials, n_jobs, sampler, pruner, params):
+    def __init__(self, study_name, direction, storage, n_trials, n_jobs, seed, sampler, pruner, params):
         self.study_name, self.direction, self.storage = study_name, direction, storage
-        self.n_trials, self.n_jobs, self.sampler, self.pruner = n_trials, n_jobs, sampler, pruner
+        self.n_trials, self.n_jobs, self.seed, self.sampler, self.pruner = n_trials, n_jobs, seed, sampler, pruner
         self.params = params or {}
 
     def setup(self, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -98,7 +156,7 @@ class OptunaSearch:
         study = optuna.create_study(
             study_name=self.study_name,
             storage=self.storage,
-            sampler=self.sampler,
+            sampler=TrialSeededSampler(self.sampler, self.seed),
             pruner=self.pruner,
             direction=self.direction,
             load_if_exists=True,
