@@ -166,6 +166,19 @@ def test_a_resumed_search_draws_new_trials_as_an_uninterrupted_one_would(tmp_pat
     assert [t.params for t in trials] == [t.params for t in app_trials(uninterrupted)]  # the same seed: the same trials
 
 
+def test_searches_sharing_a_storage_never_draw_the_same_trial(tmp_path):
+    rendezvous = tmp_path / "rendezvous"  # each search's first trial waits for the other's: they overlap
+    rendezvous.mkdir()
+    cmd = search_app(tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=8", f"rendezvous={rendezvous}")
+    searches = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for search in searches:
+        assert search.wait(timeout=300) == 0, search.stderr.read()
+    trials = app_trials(tmp_path)
+    assert len({t.user_attrs["sweeper"] for t in trials}) == 2  # both asked for trials
+    assert len(trials) >= 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert repeats(trials) == []
+
+
 def test_the_sweepers_seed_chooses_its_trials_and_a_sampler_config_may_not_seed_them(compose_train):
     cfg = compose_train("hparams_search=lr_optuna", return_hydra_config=True).hydra.sweeper
     space = {"x": FloatDistribution(0, 1)}

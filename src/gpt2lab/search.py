@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
@@ -155,7 +157,7 @@ class OptunaSearch:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=self.storage,
+            storage=open_storage(self.storage),
             sampler=TrialSeededSampler(self.sampler, self.seed),
             pruner=self.pruner,
             direction=self.direction,
@@ -188,6 +190,18 @@ class OptunaSearch:
             returns += [r for r in results if isinstance(r, JobReturn)]
         write_results(study, sweep_dir / RESULTS_FILE)
         return returns
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The storage at `url`, its tables created if the database is new. Searches started at once on a new database
+    race to create them ("table studies already exists", optuna#4621); the losers find them made when they retry."""
+    for wait in (0.1, 0.3, 1, 3, None):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except sqlalchemy.exc.DBAPIError:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def fail_abandoned_trials(study: optuna.Study) -> None:
