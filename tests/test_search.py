@@ -158,8 +158,9 @@ def test_each_run_of_a_search_builds_the_studys_pruner_from_the_sweepers_config(
 def test_a_resumed_search_draws_new_trials_as_an_uninterrupted_one_would(tmp_path, sampler):
     resumed, uninterrupted = tmp_path / "resumed", tmp_path / "uninterrupted"
     for sweep_dir, n_trials in [(resumed, 3), (resumed, 6), (uninterrupted, 6)]:
-        subprocess.run(search_app(sweep_dir, *sampler, f"hydra.sweeper.n_trials={n_trials}"),
-                       check=True, cwd=ROOT, capture_output=True, timeout=300)  # fmt: skip
+        done = subprocess.run(search_app(sweep_dir, *sampler, f"hydra.sweeper.n_trials={n_trials}"),
+                              check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
     trials = app_trials(resumed)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     assert repeats(trials) == []
@@ -170,9 +171,11 @@ def test_searches_sharing_a_storage_never_draw_the_same_trial(tmp_path):
     rendezvous = tmp_path / "rendezvous"  # each search's first trial waits for the other's: they overlap
     rendezvous.mkdir()
     cmd = search_app(tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=8", f"rendezvous={rendezvous}")
-    searches = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    searches = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]  # fmt: skip
     for search in searches:
-        assert search.wait(timeout=300) == 0, search.stderr.read()
+        stderr = search.communicate(timeout=300)[1]
+        assert search.returncode == 0, stderr[-3000:]
     trials = app_trials(tmp_path)
     assert len({t.user_attrs["sweeper"] for t in trials}) == 2  # both asked for trials
     assert len(trials) >= 8 and all(t.state == TrialState.COMPLETE for t in trials)
