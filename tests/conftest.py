@@ -108,10 +108,18 @@ TINY_RUN = ["model=tiny", "accelerator=cpu", "trainer.max_steps=2", "data.seq_le
 TOKENS_PER_RUN = 2 * 4 * 32  # steps × data.batch_size (conf/data) × data.seq_len
 
 
+def with_tests_importable(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (this process's environment by default) with tests/ on PYTHONPATH, so that a child process's Hydra can
+    instantiate the callbacks defined here; a PYTHONPATH already set (a worktree's src/) stays after it."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    return env
+
+
 def train_script(*args: str, data_dir: Path, returncode: int = 0) -> subprocess.CompletedProcess:
     """`python scripts/train.py <args>` in a process of its own; it must exit with `returncode`."""
     cmd = [sys.executable, "scripts/train.py", *args, f"paths.data_dir={data_dir}"]
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # for the fault callbacks defined here
+    env = with_tests_importable()  # for the fault callbacks defined here
     done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == returncode, done.stderr[-3000:]
     return done
@@ -243,8 +251,7 @@ def launcher_free_env() -> dict[str, str]:
     """This process's environment without a launcher's variables, with tests/ importable (callbacks given by
     _target_) and one OpenMP thread (the processes of a job share this machine's cores)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
-    python_path = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep a worktree's src/
-    return env | {"PYTHONPATH": os.pathsep.join(python_path), "OMP_NUM_THREADS": "1"}
+    return with_tests_importable(env) | {"OMP_NUM_THREADS": "1"}
 
 
 def free_port() -> int:

@@ -1,9 +1,10 @@
 """Optuna search end to end on CPU: the real sweeper (hydra_plugins/gpt2lab_optuna) driving scripts/train.py, a
 pruner stopping a hopeless trial from its val/loss, a diverging trial failing without ending the study, and the
-study resumed from its SQLite file after a search was killed."""
+study resumed from its SQLite file after a search was killed; and the sweeper driving tests/search_app.py, whose
+trials cost milliseconds: a resumed study or two searches sharing one never draw a trial twice."""
 
+import itertools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,14 +13,14 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, inject_gradient
+from conftest import ROOT, inject_gradient, with_tests_importable
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from gpt2lab.errors import ConfigError
-from gpt2lab.search import search_space
+from gpt2lab.search import TrialSeededSampler, search_space
 from gpt2lab.sweep import read_events, run_hparams, scalar_series
 
 # model=tiny, 3 optimizer steps of 2 × 32 tokens, validation (one batch) after each; the median pruner active once
@@ -39,9 +40,22 @@ HOPELESS = {"optim.lr": 1e-4, "scheduler.warmup_steps": 45, "callbacks.inject.at
 def search(sweep_dir: Path, data_dir: Path, n_trials: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "scripts/train.py", *SEARCH, f"hydra.sweeper.n_trials={n_trials}",
            f"hydra.sweep.dir={sweep_dir}", f"paths.data_dir={data_dir}"]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # InjectGradient, for the runs' Hydra to instantiate
+    env = with_tests_importable()  # InjectGradient, for the runs' Hydra to instantiate
     # not check=True: the exit status counts failed runs (the diverging trial)
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def search_app(sweep_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "tests/search_app.py", f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def app_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="app", storage=f"sqlite:///{sweep_dir}/optuna.db").get_trials()
+
+
+def repeats(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[int, int]]:
+    """The pairs of trials (by number) that drew the same parameters."""
+    return [(a.number, b.number) for a, b in itertools.combinations(trials, 2) if a.params == b.params]
 
 
 def val_steps(run_dir: Path) -> list[int]:
@@ -124,5 +138,56 @@ def test_each_run_of_a_search_builds_the_studys_pruner_from_the_sweepers_config(
     )
     kind = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
     assert type(callback.pruner) is kind.get(pruner, optuna.pruners.NopPruner)
-    assert isinstance(instantiate(cfg.hydra.sweeper.sampler), optuna.samplers.TPESampler)
+    assert instantiate(cfg.hydra.sweeper.sampler).func is optuna.samplers.TPESampler  # built per trial
+    assert cfg.hydra.sweeper.seed == cfg.seed
     assert next(iter(run_hparams(cfg).items())) == ("search.trial", 7)  # first in the HParams tab
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ["hydra/sweeper/sampler=random"],
+        # resumed before its start-up trials are done (random draws); trials 4 and 5 drawn from its model
+        ["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=4"],
+    ],
+    ids=["random", "tpe"],
+)
+def test_a_resumed_search_draws_new_trials_as_an_uninterrupted_one_would(tmp_path, sampler):
+    resumed, uninterrupted = tmp_path / "resumed", tmp_path / "uninterrupted"
+    for sweep_dir, n_trials in [(resumed, 3), (resumed, 6), (uninterrupted, 6)]:
+        done = subprocess.run(search_app(sweep_dir, *sampler, f"hydra.sweeper.n_trials={n_trials}"),
+                              check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    trials = app_trials(resumed)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert repeats(trials) == []
+    assert [t.params for t in trials] == [t.params for t in app_trials(uninterrupted)]  # the same seed: the same trials
+
+
+def test_searches_sharing_a_storage_never_draw_the_same_trial(tmp_path):
+    rendezvous = tmp_path / "rendezvous"  # each search's first trial waits for the other's: they overlap
+    rendezvous.mkdir()
+    cmd = search_app(tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=8", f"rendezvous={rendezvous}")
+    searches = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]  # fmt: skip
+    for search in searches:
+        stderr = search.communicate(timeout=300)[1]
+        assert search.returncode == 0, stderr[-3000:]
+    trials = app_trials(tmp_path)
+    assert len({t.user_attrs["sweeper"] for t in trials}) == 2  # both asked for trials
+    assert len(trials) >= 8 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert repeats(trials) == []
+
+
+def test_the_sweepers_seed_chooses_its_trials_and_a_sampler_config_may_not_seed_them(compose_train):
+    cfg = compose_train("hparams_search=lr_optuna", return_hydra_config=True).hydra.sweeper
+    space = {"x": FloatDistribution(0, 1)}
+
+    def first_draws(seed: int) -> list[float]:
+        study = optuna.create_study(sampler=TrialSeededSampler(instantiate(cfg.sampler), seed))
+        return [study.ask(space).params["x"] for _ in range(3)]
+
+    assert first_draws(0) == first_draws(0) != first_draws(1)
+    assert first_draws(1)[:2] != first_draws(0)[1:]  # not seed 0's trials shifted by one
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.sampler: must be a factory without a seed"):
+        TrialSeededSampler(instantiate(cfg.sampler, seed=5), 0)

@@ -2,16 +2,22 @@
 conf/hparams_search/, conf/hydra/sweeper/): a study over any overrides, each trial a normal run of the multirun in
 <sweep dir>/<trial number>, pruned on its val/loss as it trains (gpt2lab.callbacks.pruning). The study lives in a
 storage URL, SQLite in the sweep dir by default: running the same command again resumes it, and several machines
-given one database URL feed one study."""
+given one database URL feed one study. Each trial's sampler is seeded by the search's seed and the trial's number,
+so a resumed or shared study never repeats a trial and a new one with the same seed draws the same trials."""
 
 import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import optuna
+import sqlalchemy
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
@@ -21,10 +27,10 @@ from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
 
 from gpt2lab.errors import ConfigError, RunStopped
-from gpt2lab.sweep import read_run_status
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,59 @@ def search_space(overrides: Sequence[Override]) -> tuple[list[str], dict[str, Ba
     return fixed, space
 
 
+class TrialSeededSampler(BaseSampler):
+    """A sampler built afresh for each trial by `make_sampler(seed=...)`, seeded by `seed` and the trial's number
+    (None: unseeded). A seed per process would replay the same draws in every process that asks: a resumed study
+    would repeat its first trials, and searches sharing a storage each other's. Trial numbers are unique in a
+    storage (assigned atomically), so no two trials of a study share a seed, and a new study with the same seed
+    draws the same trials again. TPE and the random sampler keep no history of their own (TPE reads the study's
+    trials at each draw), so one per trial samples as one for the whole study would."""
+
+    def __init__(self, make_sampler: Callable[..., BaseSampler], seed: int | None):
+        if not isinstance(make_sampler, partial) or "seed" in make_sampler.keywords:
+            raise ConfigError(
+                "hydra.sweeper.sampler: must be a factory without a seed (`_partial_: true`, as "
+                "conf/hydra/sweeper/sampler/tpe.yaml); the sweeper seeds each trial's from hydra.sweeper.seed"
+            )
+        self.make_sampler, self.seed = make_sampler, seed
+        self.samplers: dict[int, BaseSampler] = {}  # by trial number, from its ask to its tell
+
+    def trial_sampler(self, trial: FrozenTrial) -> BaseSampler:
+        if trial.number not in self.samplers:
+            seed = None if self.seed is None else trial_seed(self.seed, trial.number)
+            self.samplers[trial.number] = self.make_sampler(seed=seed)
+        return self.samplers[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.trial_sampler(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.trial_sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.trial_sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, distribution: BaseDistribution
+    ) -> Any:
+        return self.trial_sampler(trial).sample_independent(study, trial, param_name, distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        # a trial pruned in its run is told there, so its sampler stays here: a few objects until the search ends
+        self.trial_sampler(trial).after_trial(study, trial, state, values)
+        del self.samplers[trial.number]
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """Trial `number`'s sampler seed: mixed, not added (seed + number would give seed 1's study the trials of seed
+    0's, shifted by one)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])  # uint32, as numpy's RandomState takes
+
+
 def trial_overrides(fixed: list[str], trial: optuna.Trial) -> list[str]:
     return [*fixed, *(f"{key}={value}" for key, value in trial.params.items()), f"{TRIAL_KEY}={trial.number}"]
 
@@ -72,9 +131,9 @@ class OptunaSearch:
     imports every plugin, never imports Optuna). Trials run `n_jobs` at a time through Hydra's launcher, until the
     study holds `n_trials` trials (finished or running): a study stopped early goes on where it stopped."""
 
-    def __init__(self, study_name, direction, storage, n_trials, n_jobs, sampler, pruner, params):
+    def __init__(self, study_name, direction, storage, n_trials, n_jobs, seed, sampler, pruner, params):
         self.study_name, self.direction, self.storage = study_name, direction, storage
-        self.n_trials, self.n_jobs, self.sampler, self.pruner = n_trials, n_jobs, sampler, pruner
+        self.n_trials, self.n_jobs, self.seed, self.sampler, self.pruner = n_trials, n_jobs, seed, sampler, pruner
         self.params = params or {}
 
     def setup(self, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -98,8 +157,8 @@ class OptunaSearch:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=self.storage,
-            sampler=self.sampler,
+            storage=open_storage(self.storage),
+            sampler=TrialSeededSampler(self.sampler, self.seed),
             pruner=self.pruner,
             direction=self.direction,
             load_if_exists=True,
@@ -133,6 +192,18 @@ class OptunaSearch:
         return returns
 
 
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The storage at `url`, its tables created if the database is new. Searches started at once on a new database
+    race to create them ("table studies already exists", optuna#4621); the losers find them made when they retry."""
+    for wait in (0.1, 0.3, 1, 3, None):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except sqlalchemy.exc.DBAPIError:
+            if wait is None:
+                raise
+            time.sleep(wait)
+
+
 def fail_abandoned_trials(study: optuna.Study) -> None:
     """Mark failed the trials a search on this machine left RUNNING when it was killed (its process is gone), so
     that they count as done; those of searches still running, here or on other machines, are theirs."""
@@ -163,8 +234,11 @@ def trial_state(study: optuna.Study, number: int) -> TrialState:
     return next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
-def run_dir(result: JobReturn) -> Path:
-    return Path(result.hydra_cfg.hydra.runtime.output_dir)
+def run_status(result: JobReturn) -> str:
+    """How the run ended, as its status.json says."""
+    from gpt2lab.sweep import read_run_status  # it imports Lightning, which a search of a task without it need not
+
+    return read_run_status(Path(result.hydra_cfg.hydra.runtime.output_dir))
 
 
 def run_value(result: JobReturn | BaseException) -> float:
@@ -175,7 +249,7 @@ def run_value(result: JobReturn | BaseException) -> float:
         raise result._return_value
     value = float(result.return_value)
     if not math.isfinite(value):  # a run of a multirun that stopped or failed returns nan (recording_run_end)
-        raise ValueError(read_run_status(run_dir(result)))
+        raise ValueError(run_status(result))
     return value
 
 
@@ -189,7 +263,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn | BaseExcep
         ended = "failed: " + (next(iter(str(error).splitlines()), "") or type(error).__name__)
     else:
         if trial_state(study, trial.number) == TrialState.PRUNED:
-            ended = read_run_status(run_dir(result))
+            ended = run_status(result)
         else:
             study.tell(trial, value)
             ended = f"val/loss {value:.4f}"
