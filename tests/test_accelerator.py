@@ -119,6 +119,7 @@ def test_compiled_module_checkpoints_clean_keys_that_load_into_an_uncompiled_gpt
     assert torch.equal(model.lm_head.weight, ckpt["state_dict"]["model.lm_head.weight"])
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.slow
 def test_cuda_fast_path_trains_compiled_in_bf16_and_checkpoints_clean_keys(compose_train):

@@ -34,6 +34,7 @@ def test_cpu_peak_is_measured_once_and_plausible():
     assert peak_flops(torch.device("cpu"), "32-true") == peak  # cached: measured once per process
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_peak_comes_from_the_datasheet_table():
     peak = peak_flops(torch.device("cuda"), "bf16-mixed")
