@@ -229,11 +229,9 @@ def main(cfg: DictConfig) -> None:
     print(f"\n{'candidate':40} {'tokens/s':>10} {'step ms':>9} {'MFU':>7}")
     for name in order:
         peak = peaks[precision_of[name]]
-        print(
-            f"{LABELS[name]:40} {median[name]:>10,.0f} {1000 * tokens_per_step / median[name]:>9.1f} "
-            f"{fpt * median[name] / peak:>7.2%}"
-        )
-    print("peak FLOP/s: " + ", ".join(f"{peak:.3g} ({precision})" for precision, peak in peaks.items()))
+        mfu = f"{fpt * median[name] / peak:>7.2%}" if peak else f"{'–':>7}"  # no peak: a GPU no table lists
+        print(f"{LABELS[name]:40} {median[name]:>10,.0f} {1000 * tokens_per_step / median[name]:>9.1f} {mfu}")
+    print("peak FLOP/s: " + ", ".join(f"{peak or 0:.3g} ({precision})" for precision, peak in peaks.items()))
     # each ratio is taken round by round, of two candidates that ran one after the other, and its median reported:
     # on a shared machine the speed drifts between rounds, and the pairs cancel that drift (the ratio of the two
     # medians, which may come from different rounds, does not)

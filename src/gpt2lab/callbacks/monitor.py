@@ -47,17 +47,41 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype, seen: float = 0.0)
     return _measured_peaks[key]
 
 
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of the GPUs this project is run on, from NVIDIA's datasheets, the first
+# matching name fragment winning. Lightning's table (get_available_flops, used for every other GPU) misses the name
+# torch gives the H200 ("NVIDIA H200": its keys are "h200 sxm1"/"h200 nvl1"), lists the H200's and H100 NVL's peaks
+# with 2:4 sparsity (twice the dense figure), and the RTX 4090's without tensor cores (82.6e12).
+GPU_BF16_PEAKS = (
+    ("h200 nvl", 835e12),  # H200 NVL datasheet: 1,671 TFLOPS with sparsity
+    ("h200", 989e12),  # H200 SXM: 1,979 with sparsity
+    ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("b200", 2.25e15),
+    ("a100", 312e12),
+    ("rtx 4090", 165.2e12),  # Ada whitepaper: FP16/BF16 tensor, FP32 accumulate, dense
+)
+
+
+def gpu_bf16_peak(name: str) -> float | None:
+    """The dense bf16 peak of the GPU torch names `name` (torch.cuda.get_device_name), if GPU_BF16_PEAKS lists it."""
+    return next((peak for fragment, peak in GPU_BF16_PEAKS if fragment in name.lower()), None)
+
+
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype a Trainer precision multiplies in."""
     return PRECISION_DTYPES.get(str(precision), torch.float32)
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """The device's peak FLOP/s at the run's compute dtype: Lightning's datasheet table for GPUs (A100,
-    H100, H200, L4, ...), a measured large matmul for CPU and MPS (measured_peak_flops); None for an unlisted GPU."""
+    """The device's peak FLOP/s at the run's compute dtype: a dense datasheet figure for GPUs (GPU_BF16_PEAKS at bf16
+    and fp16, else Lightning's table: L4, A10G, V100, ...), a measured large matmul for CPU and MPS
+    (measured_peak_flops); None for a GPU neither table lists."""
     dtype = compute_dtype(precision)
     if device.type in MEASURED:
         return measured_peak_flops(device.type, dtype)
+    if dtype in (torch.bfloat16, torch.float16) and (peak := gpu_bf16_peak(torch.cuda.get_device_name(device))):
+        return peak
     return get_available_flops(device, dtype)
 
 
