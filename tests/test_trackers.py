@@ -118,7 +118,7 @@ def test_csv_logger_writes_every_scalar_at_tensorboards_steps_a_file_per_start(r
         with (resumed_run / "csv" / start / "metrics.csv").open() as f:
             rows += list(csv.DictReader(f))
     for tag, points in tensorboard_scalars(resumed_run).items():
-        logged = [(int(row["step"]), float(row[tag])) for row in rows if row[tag]]
+        logged = [(int(row["step"]), float(row[tag])) for row in rows if row.get(tag)]
         assert [step for step, _ in logged] == [step for step, _ in points], tag
         assert [value for _, value in logged] == pytest.approx([value for _, value in points], rel=1e-6), tag
 
@@ -214,7 +214,9 @@ def test_a_sweep_is_one_mlflow_experiment_and_wandb_group_named_after_its_dir(tm
     assert stopped.data.tags[STATUS_TAG].startswith("stopped: at step 2: non-finite gradient norm")
     assert [step for step, _ in history(sweep_dir / "mlflow.db", completed, "train/loss")] == [1, 2]
     # W&B: a run of its own for each job, though both ran in one process, grouped by the sweep
-    wandb_runs = [wandb_offline_run(next((sweep_dir / name / "wandb").glob("offline-run-*")))[0] for name in names]
+    offline = [sorted((sweep_dir / name / "wandb").glob("offline-run-*")) for name in names]
+    assert [len(starts) for starts in offline] == [1, 1]
+    wandb_runs = [wandb_offline_run(starts[0])[0] for starts in offline]
     assert [(r.display_name, r.run_group, r.project) for r in wandb_runs] == [
         (name, sweep_dir.name, "gpt2lab") for name in names
     ]
