@@ -145,8 +145,8 @@ def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float, toke
             writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams writes them
             for summary in (experiment, session_start, session_end):
                 writer.add_summary(summary, trainer.global_step)
-        else:
-            logger.save()  # Lightning finalized the loggers as fit ended: a CSV logger writes only when saved
+        else:  # Lightning's finalize came as fit ended: again, for what it does (CSV writes, MLflow flushes)
+            logger.finalize("success")
 
 
 @dataclass
