@@ -92,10 +92,10 @@ def read_runs(run_dir: str | Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-@rank_zero_only  # every rank's job records its end; one tells the tracker
 def record_run_end(run_dir: str | Path, status: str, summary: str) -> None:
     """How the run in run_dir ended (status: one of sweep.RUN_STATUSES; summary: its status with the detail) as its
-    MLflow runs' status and STATUS_TAG. Lightning's own (FINISHED, or FAILED on any exception) is set before this."""
+    MLflow runs' status and STATUS_TAG. Lightning's own (FINISHED, or FAILED on any exception) is set before this.
+    Any rank: in DDP the one that writes status.json (the first to end) records it here too."""
     mlflow_runs = [args for args in read_runs(run_dir).values() if "run_id" in args]  # MLFlowLogger's arguments
     if not mlflow_runs:
         return
