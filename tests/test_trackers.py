@@ -106,10 +106,10 @@ def test_mlflow_holds_every_scalar_at_tensorboards_steps_and_a_resumed_run_logs_
     assert [step for step, _ in history(store, run, "train/loss")] == [1, 2, 3, 4]
     assert [step for step, _ in history(store, run, "val/loss")] == [2, 4]  # the last step of each start
     assert [step for step, _ in history(store, run, "final/tokens_seen")] == [2, 4]
-    assert run.data.metrics["final/tokens_seen"] == 4 * 2 * 32 and run.data.metrics["final/val_loss"] == pytest.approx(
-        tensorboard["val/loss"][-1][1], rel=1e-6
-    )
-    assert (run.info.run_name, run.info.status, run.data.tags[STATUS_TAG]) == (resumed_run.name, "FINISHED", "completed")
+    assert run.data.metrics["final/tokens_seen"] == 4 * 2 * 32  # steps × data.batch_size × data.seq_len
+    assert run.data.metrics["final/val_loss"] == pytest.approx(tensorboard["val/loss"][-1][1], rel=1e-6)
+    assert (run.info.run_name, run.info.status) == (resumed_run.name, "FINISHED")
+    assert run.data.tags[STATUS_TAG] == "completed"
 
 
 def test_csv_logger_writes_every_scalar_at_tensorboards_steps_a_file_per_start(resumed_run):

@@ -99,6 +99,7 @@ def record_run_end(run_dir: str | Path, status: str, summary: str) -> None:
     mlflow_runs = [args for args in read_runs(run_dir).values() if "run_id" in args]  # MLFlowLogger's arguments
     if not mlflow_runs:
         return
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     for args in mlflow_runs:
@@ -106,7 +107,7 @@ def record_run_end(run_dir: str | Path, status: str, summary: str) -> None:
             client = MlflowClient(args["tracking_uri"])
             client.set_tag(args["run_id"], STATUS_TAG, summary)
             client.set_terminated(args["run_id"], MLFLOW_STATUS[status])
-        except Exception as e:  # the run's own record (status.json) is written; a tracker's copy may fail alone
+        except MlflowException as e:  # the run's own record (status.json) is written: the tracker's copy may fail alone
             log.warning("could not record the end of MLflow run %s in %s: %s", args["run_id"], args["tracking_uri"], e)
 
 
