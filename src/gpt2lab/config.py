@@ -54,6 +54,17 @@ def if_multirun(in_a_multirun: str, otherwise: str) -> str:
     return in_a_multirun if in_multirun() else otherwise
 
 
+def sweep_dir() -> str:
+    """${gpt2lab.sweep_dir:}: a multirun's sweep dir, absolute (what its jobs share lives there, e.g. an MLflow store);
+    "" for a single run."""
+    return str(Path(HydraConfig.get().sweep.dir).absolute()) if in_multirun() else ""
+
+
+def basename(path: str) -> str:
+    """${gpt2lab.basename:<path>}: its last part, e.g. a run dir's name."""
+    return Path(path).name
+
+
 def swept_keys() -> set[str]:
     """The keys this multirun varies: those its command line or hydra.sweeper.params give several values (`a=1,2`,
     choice(), range(), interval()). A job's config holds only its own values; the sweep's are in the config the
@@ -89,12 +100,14 @@ def sweep_run_name() -> str:
 
 
 def register_resolvers() -> None:
-    """${gpt2lab.run_name:} (hydra.run.dir), ${gpt2lab.sweep_run_name:} (a multirun job's dir) and
-    ${gpt2lab.if_multirun:a,b} (conf/logger): what no built-in resolver knows. Every entry point calls this before
-    Hydra composes; calling it again is harmless."""
+    """${gpt2lab.run_name:} (hydra.run.dir), ${gpt2lab.sweep_run_name:} (a multirun job's dir),
+    ${gpt2lab.if_multirun:a,b}, ${gpt2lab.sweep_dir:} and ${gpt2lab.basename:path} (conf/logger): what no built-in
+    resolver knows. Every entry point calls this before Hydra composes; calling it again is harmless."""
     OmegaConf.register_new_resolver("gpt2lab.run_name", new_run_name, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("gpt2lab.sweep_run_name", sweep_run_name, replace=True)
     OmegaConf.register_new_resolver("gpt2lab.if_multirun", if_multirun, replace=True)
+    OmegaConf.register_new_resolver("gpt2lab.sweep_dir", sweep_dir, replace=True)
+    OmegaConf.register_new_resolver("gpt2lab.basename", basename, replace=True)
 
 
 class OnNonFinite(str, Enum):

@@ -24,6 +24,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from gpt2lab.config import in_multirun, swept_overrides
 from gpt2lab.errors import DataError, RunRequeued, RunStopped, user_error_message
 from gpt2lab.metrics import VAL_LOSS
+from gpt2lab.trackers import record_run_end
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def write_run_status(run_dir: str | Path, status: str, detail: str | None = None
     if status not in RUN_STATUSES:
         raise ValueError(f"status={status!r}: must be one of {', '.join(RUN_STATUSES)}")
     Path(run_dir, RUN_STATUS_FILE).write_text(json.dumps({"status": status, "detail": detail}) + "\n")
+    record_run_end(run_dir, status, str(RunStatus(status, detail)))  # and in the run's MLflow run, if any
 
 
 class RunStatus(NamedTuple):
@@ -134,9 +136,9 @@ def run_hparams(cfg: DictConfig) -> dict:
 
 
 def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float, tokens_seen: int) -> None:
-    """Record the run's final metrics at its last step, and its hyperparameters beside them for TensorBoard's
-    HParams tab, the swept ones marked as those that differ: the tab sorts them first (its default order is by name,
-    which puts `accelerator` first)."""
+    """Record the run's final metrics at its last step, in every logger, and its hyperparameters beside them for
+    TensorBoard's HParams tab, the swept ones marked as those that differ: the tab sorts them first (its default
+    order is by name, which puts `accelerator` first)."""
     metrics = dict(zip(FINAL_METRICS, (val_loss, tokens_seen)))
     hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in run_hparams(cfg).items()}
     swept = swept_overrides()
@@ -146,12 +148,16 @@ def log_final_metrics(trainer: L.Trainer, cfg: DictConfig, val_loss: float, toke
     for info in content.experiment.hparam_infos:
         info.differs = info.name in swept
     plugin_data.content = content.SerializeToString()
+    if not trainer.is_global_zero:
+        return
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):
             writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams writes them
             for summary in (experiment, session_start, session_end):
                 writer.add_summary(summary, trainer.global_step)
+        else:  # Lightning's finalize came as fit ended: again, for what it does (CSV writes, MLflow flushes)
+            logger.finalize("success")
 
 
 @dataclass

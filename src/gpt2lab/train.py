@@ -12,7 +12,8 @@ from gpt2lab.accelerator import resolve_accelerator, set_up_process
 from gpt2lab.config import check_config, register_resolvers, slurm_job_id
 from gpt2lab.errors import ConfigError, RunStopped
 from gpt2lab.metrics import VAL_LOSS
-from gpt2lab.sweep import log_final_metrics
+from gpt2lab.sweep import log_final_metrics, run_hparams
+from gpt2lab.trackers import finishing_wandb, start_loggers
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,22 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
+    loggers = start_loggers(
+        cfg.logger, output_dir, resuming=ckpt_path is not None, hparams=run_hparams(cfg),
+        module_hparams=module.hparams_initial,
+    )  # fmt: skip
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[*(instantiate(c) for c in cfg.callbacks.values()), *callbacks],
-        logger=[instantiate(lg) for lg in cfg.logger.values()],
+        cfg.trainer, callbacks=[*(instantiate(c) for c in cfg.callbacks.values()), *callbacks], logger=loggers
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if VAL_LOSS not in trainer.callback_metrics:  # no step ran: the checkpoint was already at max_steps
-        raise ConfigError(
-            f"nothing to train: {ckpt_path} is at step {trainer.global_step}, "
-            f"trainer.max_steps={cfg.trainer.max_steps}; "
-            "raise trainer.max_steps to extend the run"
-        )
-    val_loss = float(trainer.callback_metrics[VAL_LOSS])  # validated at the last step
-    log_final_metrics(trainer, cfg, val_loss, trainer.global_step * datamodule.tokens_per_step)
+    with finishing_wandb(loggers):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if VAL_LOSS not in trainer.callback_metrics:  # no step ran: the checkpoint was already at max_steps
+            raise ConfigError(
+                f"nothing to train: {ckpt_path} is at step {trainer.global_step}, "
+                f"trainer.max_steps={cfg.trainer.max_steps}; "
+                "raise trainer.max_steps to extend the run"
+            )
+        val_loss = float(trainer.callback_metrics[VAL_LOSS])  # validated at the last step
+        log_final_metrics(trainer, cfg, val_loss, trainer.global_step * datamodule.tokens_per_step)
     log.info("final val/loss %.4f; run dir %s", val_loss, output_dir)
     return val_loss
