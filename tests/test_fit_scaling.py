@@ -71,13 +71,16 @@ def test_fit_recovers_a_known_law_within_narrow_cis():
 
 
 def test_bootstrap_resamples_only_seed_noise_within_each_size():
-    """Without seed noise every seed of a size has the same loss: resampling a size's own seeds changes nothing,
-    so the CIs shrink to the point (mixing sizes in a resample, or fitting anything but the resample, would not)."""
-    fit = fit_scaling(synthetic_points(sigma=0.0), n_boot=50, seed=0)
-    for name in ("E", "A", "alpha"):
-        low, high = fit.ci[name]
-        assert getattr(TRUE, name) == pytest.approx(getattr(fit.law, name), rel=1e-4)
-        assert high - low < 1e-6 * getattr(TRUE, name), (name, fit.ci[name])
+    """Sizes whose seeds all reach the same loss, off the law by a fixed amount each: resampling a size's own seeds
+    changes nothing, so the CIs shrink to the point (resampling across sizes would reweight them and move the fit).
+    The CIs are of seed noise alone; that the law's form is wrong does not widen them."""
+    offsets = {d: 0.05 * (-1) ** i for i, d in enumerate(WIDTHS)}
+    points = [RunPoint(**{**vars(p), "val_loss": TRUE(p.n_params) + offsets[d]})
+              for p, d in zip(synthetic_points(), [d for d in WIDTHS for _ in range(4)])]  # fmt: skip
+    fit = fit_scaling(points, n_boot=50, seed=0)
+    assert fit.law.alpha != pytest.approx(TRUE.alpha, rel=1e-3)  # the offsets moved the fit off the law
+    for name in ("E", "A", "alpha"):  # each refit ends where the fit did, up to curve_fit's tolerance
+        assert fit.ci[name] == pytest.approx([getattr(fit.law, name)] * 2, rel=1e-5), name
 
 
 def test_holdout_interval_holds_the_largest_size_and_rejects_one_moved_off_the_law():
@@ -95,6 +98,16 @@ def test_holdout_interval_holds_the_largest_size_and_rejects_one_moved_off_the_l
     off = fit_scaling(moved, n_boot=500, seed=0).holdout
     assert off.predicted == pytest.approx(holdout.predicted)  # the largest size took no part in its own prediction
     assert not off.inside and off.measured < off.interval[0]
+
+
+def test_prediction_interval_widens_with_the_seed_noise_of_fewer_held_out_seeds():
+    """The interval is for the mean of the held-out size's m seeds: with 2 seeds its noise is twice that of 8."""
+    fitted = [p for p in synthetic_points() if p.n_params != kaplan_n(WIDTHS[-1])]
+    largest = [p for p in synthetic_points(widths=WIDTHS[-1:], seeds=8, data_seed=1)]
+    two, eight = (fit_scaling(fitted + largest[:m], n_boot=500, seed=0).holdout for m in (2, 8))
+    assert (two.seeds, eight.seeds) == (2, 8) and two.predicted == eight.predicted  # the same fit of the others
+    width = {m: h.interval[1] - h.interval[0] for m, h in ((2, two), (8, eight))}
+    assert width[2] > 1.3 * width[8], width  # 1.46 here; the fit's own spread is the same for both
 
 
 def test_compute_law_of_a_fixed_token_budget_is_the_params_law_rescaled():
