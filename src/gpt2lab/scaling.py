@@ -382,10 +382,11 @@ def summary(fit: ScalingFit) -> str:
     """A few lines: the law with its CIs, the hold-out verdict, the runs left out."""
     symbol = SCALES[fit.scale][1]
     means = size_means(fit)
+    fewest, most = min(m[3] for m in means), max(m[3] for m in means)
     lines = [
         (
             f"L({symbol}) = E + A·{symbol}^(−α) over {len(fit.points)} runs ({len(means)} sizes, "
-            f"{min(m[3] for m in means)}–{max(m[3] for m in means)} seeds each); 95% CIs from {len(fit.laws)} "
+            f"{fewest if fewest == most else f'{fewest}–{most}'} seeds each); 95% CIs from {len(fit.laws)} "
             "resamples of the seeds"
         ),
     ]
