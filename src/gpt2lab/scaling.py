@@ -202,6 +202,7 @@ class ScalingFit:
     holdout: HoldOut | None
     holdout_note: str  # why there is none, or empty
     points: list[RunPoint]
+    warnings: list[str]  # the parameters the fit pressed against a bound (bound_warnings)
     left_out: list[tuple[str, str]] = field(default_factory=list)
     laws: list[Law] = field(default_factory=list, repr=False)  # the bootstrap's fits, for the band
 
@@ -272,8 +273,21 @@ def fit_scaling(
         holdout=holdout,
         holdout_note=note,
         points=points,
+        warnings=bound_warnings(law),
         laws=laws,
     )
+
+
+def bound_warnings(law: Law) -> list[str]:
+    """What it means when the fit ends on a bound: the points do not have the law's shape there."""
+    warnings = []
+    if law.E < 1e-6:
+        warnings.append("E is at its bound 0: the loss does not level off within the sweep (yet)")
+    if law.alpha < 1e-6:
+        warnings.append("α is at its bound 0: the loss does not fall with size")
+    if law.alpha > ALPHA_BOUNDS[1] * (1 - 1e-6):
+        warnings.append(f"α is at its bound {ALPHA_BOUNDS[1]}: the loss falls faster than any power law's")
+    return warnings
 
 
 def fit_with_bootstrap(
@@ -362,6 +376,7 @@ def fit_record(fit: ScalingFit, sweep_dir: Path) -> dict:
         },
         "holdout": holdout,
         "holdout_note": fit.holdout_note,
+        "warnings": fit.warnings,
         "runs": [asdict(p) | {symbol: SCALES[fit.scale][2](p)} for p in fit.points],
         "left_out": [{"run": run, "why": why} for run, why in fit.left_out],
     }
@@ -402,8 +417,8 @@ def summary(fit: ScalingFit) -> str:
             f"(95% PI of a {h.seeds}-seed mean: {h.interval[0]:.4f}–{h.interval[1]:.4f}); measured "
             f"{h.measured:.4f}: {'inside' if h.inside else 'OUTSIDE'}"
         )
-    for run, why in fit.left_out:
-        lines.append(f"left out: {run} ({why})")
+    lines += [f"warning: {warning}" for warning in fit.warnings]
+    lines += [f"left out: {run} ({why})" for run, why in fit.left_out]
     return "\n".join(lines)
 
 
