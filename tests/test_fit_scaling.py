@@ -103,11 +103,11 @@ def test_holdout_interval_holds_the_largest_size_and_rejects_one_moved_off_the_l
 def test_prediction_interval_widens_with_the_seed_noise_of_fewer_held_out_seeds():
     """The interval is for the mean of the held-out size's m seeds: with 2 seeds its noise is twice that of 8."""
     fitted = [p for p in synthetic_points() if p.n_params != kaplan_n(WIDTHS[-1])]
-    largest = [p for p in synthetic_points(widths=WIDTHS[-1:], seeds=8, data_seed=1)]
+    largest = synthetic_points(widths=WIDTHS[-1:], seeds=8, data_seed=1)
     two, eight = (fit_scaling(fitted + largest[:m], n_boot=500, seed=0).holdout for m in (2, 8))
     assert (two.seeds, eight.seeds) == (2, 8) and two.predicted == eight.predicted  # the same fit of the others
     width = {m: h.interval[1] - h.interval[0] for m, h in ((2, two), (8, eight))}
-    assert width[2] > 1.3 * width[8], width  # 1.46 here; the fit's own spread is the same for both
+    assert width[2] > 1.3 * width[8], width  # 1.46 here; the fit's own spread is alike for both
 
 
 def test_compute_law_of_a_fixed_token_budget_is_the_params_law_rescaled():
