@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import compose_train_in, scalars, signal_at, stand_in_scontrol, train_script
 
-from gpt2lab.errors import RunRequeued
+from gpt2lab.errors import RunRequeued, RunTerminated
 from gpt2lab.train import RunStopped, train
 
 N = 6  # optimizer steps
@@ -56,8 +56,11 @@ def test_signal_mid_accumulation_finishes_the_step_and_resumes_to_the_straight_r
     tmp_path, data_dir, straight, sig, restore_signal_handlers
 ):
     run_dir = tmp_path / "run"
-    with pytest.raises(RunStopped, match=rf"(?s)interrupted by {sig} after step 3\..*ckpt_path=last hydra.run.dir="):
+    with pytest.raises(
+        RunStopped, match=rf"(?s)interrupted by {sig} after step 3\..*ckpt_path=last hydra.run.dir="
+    ) as e:
         train(compose_train_in(run_dir, data_dir, *RUN, signal_at(3, 0, sig)))  # in step 3's first micro-batch
+    assert isinstance(e.value, RunTerminated) == (sig == "SIGTERM")  # SIGTERM ends a multirun too
     assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
     assert [s for s, _ in scalars(run_dir)["train/loss"]] == [1, 2, 3]  # the step under way finished
     train(compose_train_in(run_dir, data_dir, *RUN, "ckpt_path=last"))

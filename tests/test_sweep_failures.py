@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from gpt2lab import sweep
-from gpt2lab.errors import ConfigError, RunRequeued, RunStopped
+from gpt2lab.errors import ConfigError, RunRequeued, RunStopped, RunTerminated
 from gpt2lab.sweep import read_events, run_dirs, scalar_series
 
 
@@ -87,6 +87,9 @@ def test_run_names_stay_the_same_when_the_sweep_runs_again_and_a_config_error_is
      # a SLURM requeue: the job goes on (submitit must not get a result, or it would take the run as final)
      (RunRequeued("interrupted by SIGUSR1 after step 4", "interrupted by SIGUSR1 after step 4.\nResume with: …"),
       "stopped: interrupted by SIGUSR1 after step 4", False),
+     # SIGTERM asks the process to end (a cluster pre-empting it): the sweep too, not only the run under way
+     (RunTerminated("interrupted by SIGTERM after step 3", "interrupted by SIGTERM after step 3.\nResume with: …"),
+      "stopped: interrupted by SIGTERM after step 3", False),
      (SystemExit(1), "stopped: interrupted", False)],  # what Lightning makes of a KeyboardInterrupt in fit
 )  # fmt: skip
 @pytest.mark.parametrize("mode", [RunMode.MULTIRUN, RunMode.RUN])

@@ -54,6 +54,11 @@ class RunStopped(SystemExit):
         self.reason = reason
 
 
+class RunTerminated(RunStopped):
+    """Stopped by SIGTERM (a cluster pre-empting the job, `kill`): the process is asked to end, so a multirun ends
+    here too, rather than starting its next run (a Ctrl-C, SIGINT, stops the run under way only)."""
+
+
 class RunRequeued(RunStopped):
     """Stopped for SLURM to requeue the job (SIGUSR1 before its time limit): the same job starts again and resumes
     from last.ckpt, so a sweep must not count this run as ended (its launcher waits for the requeued job)."""

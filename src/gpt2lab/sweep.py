@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from gpt2lab.config import in_multirun, swept_overrides
-from gpt2lab.errors import DataError, RunRequeued, RunStopped, user_error_message
+from gpt2lab.errors import DataError, RunRequeued, RunStopped, RunTerminated, user_error_message
 from gpt2lab.metrics import VAL_LOSS
 from gpt2lab.trackers import record_run_end
 
@@ -84,9 +84,10 @@ def recording_run_end() -> Iterator[None]:
     In a multirun, a run that stops (RunStopped: a non-finite step, a signal), fails on its config (a UserError) or
     raises anything else is logged, recorded, and the sweep goes on to its next run: Hydra's run_job catches only
     Exception, and its BasicSweeper re-raises the first failed job's after the last, so one run would end the sweep
-    (and skip its summary). A second Ctrl-C ends the whole sweep (Lightning turns it into a plain SystemExit). A
-    run stopped for a SLURM requeue (RunRequeued) raises on: its job has not ended, and a submitit launcher
-    that got a result would take it as final. A single run raises as before. A status the run wrote itself (a search's pruner) stands, and its exception, if
+    (and skip its summary). A second Ctrl-C ends the whole sweep (Lightning turns it into a plain SystemExit), and so
+    does SIGTERM (RunTerminated: the process is asked to end, e.g. pre-empted). A run stopped for a SLURM requeue
+    (RunRequeued) raises on: its job has not ended, and a submitit launcher that got a result would take it as final.
+    A single run raises as before. A status the run wrote itself (a search's pruner) stands, and its exception, if
     any, goes on to the sweeper."""
     if not HydraConfig.initialized():
         yield
@@ -100,7 +101,8 @@ def recording_run_end() -> Iterator[None]:
         if status_file.exists():
             raise
         write_run_status(status_file.parent, *how_it_ended(error))
-        if not in_multirun() or isinstance(error, RunRequeued) or not isinstance(error, (RunStopped, Exception)):
+        ends_sweep = isinstance(error, (RunRequeued, RunTerminated)) or not isinstance(error, (RunStopped, Exception))
+        if not in_multirun() or ends_sweep:
             if in_multirun():
                 log.warning("sweep interrupted: `python scripts/summarize.py %s` summarizes its runs", hydra.sweep.dir)
             raise

@@ -7,7 +7,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from gpt2lab.config import OnNonFinite, slurm_job_id
-from gpt2lab.errors import RunRequeued, RunStopped
+from gpt2lab.errors import RunRequeued, RunStopped, RunTerminated
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class SafeStop(Callback):
         self.headline: str | None = None  # the reason, said for the user, with what to do about it
         self._signal: str | None = None
         self._requeue = False  # SIGUSR1 reached some rank: rank 0 requeues the job
+        self._terminate = False  # SIGTERM reached some rank: the process ends, a multirun too
         self._previous_handlers: dict = {}
 
     def _on_signal(self, signum, frame) -> None:
@@ -68,6 +69,7 @@ class SafeStop(Callback):
         trainer.should_stop = True
         if signalled:  # SLURM signals each node's tasks on its own: rank 0 may not have SIGUSR1 (yet)
             self._requeue = trainer.strategy.reduce_boolean_decision(self._signal == "SIGUSR1", all=False)
+            self._terminate = trainer.strategy.reduce_boolean_decision(self._signal == "SIGTERM", all=False)
         if fault:
             self.reason = (
                 f"at step {report.step}: {fault} (loss {report.loss:.4g}, grad norm {report.grad_norm:.4g}, "
@@ -100,7 +102,7 @@ class SafeStop(Callback):
                 self._requeue = False
             else:
                 log.info("requeued SLURM job %s: it resumes from last.ckpt in %s", job, run_dir)
-        raise (RunRequeued if self._requeue else RunStopped)(
+        raise (RunRequeued if self._requeue else RunTerminated if self._terminate else RunStopped)(
             self.reason,
             f"{self.headline}.\nCheckpoint: {run_dir}/checkpoints/last.ckpt\n"
             f"Resume with: python scripts/train.py <the same overrides> ckpt_path=last hydra.run.dir={run_dir}",
