@@ -19,8 +19,9 @@ from scipy.optimize import curve_fit
 from scipy.stats import t as student_t
 
 from gpt2lab.errors import DataError
+from gpt2lab.metrics import VAL_LOSS
 from gpt2lab.model import GPT
-from gpt2lab.sweep import FINAL_METRICS, VAL_LOSS, read_events, read_run_status, run_dirs, scalar_series
+from gpt2lab.sweep import FINAL_METRICS, read_events, read_run_status, run_dirs, scalar_series
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ def read_sweep(sweep_dir: str | Path) -> tuple[list[RunPoint], list[tuple[str, s
     points, left_out = [], []
     for run_dir in runs:
         name = str(run_dir.relative_to(sweep_dir))
-        status = read_run_status(run_dir)
+        ended = read_run_status(run_dir)
         events = read_events(run_dir)
         val_loss, tokens = scalar_series(events, VAL_LOSS), scalar_series(events, FINAL_METRICS[1])
-        if status != "completed" or not val_loss:
-            left_out.append((name, status if status != "completed" else f"no {VAL_LOSS} logged"))
+        if ended.status != "completed" or not val_loss:
+            left_out.append((name, str(ended) if ended.status != "completed" else f"no {VAL_LOSS} logged"))
             continue
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")

@@ -235,10 +235,10 @@ def trial_state(study: optuna.Study, number: int) -> TrialState:
 
 
 def run_status(result: JobReturn) -> str:
-    """How the run ended, as its status.json says."""
+    """How the run ended, as its status.json says: `stopped: <reason>`, ..."""
     from gpt2lab.sweep import read_run_status  # it imports Lightning, which a search of a task without it need not
 
-    return read_run_status(Path(result.hydra_cfg.hydra.runtime.output_dir))
+    return str(read_run_status(Path(result.hydra_cfg.hydra.runtime.output_dir)))
 
 
 def run_value(result: JobReturn | BaseException) -> float:
