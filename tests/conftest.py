@@ -111,7 +111,8 @@ TOKENS_PER_RUN = 2 * 4 * 32  # steps × data.batch_size (conf/data) × data.seq_
 def train_script(*args: str, data_dir: Path, returncode: int = 0) -> subprocess.CompletedProcess:
     """`python scripts/train.py <args>` in a process of its own; it must exit with `returncode`."""
     cmd = [sys.executable, "scripts/train.py", *args, f"paths.data_dir={data_dir}"]
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # for the fault callbacks defined here
+    python_path = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep a worktree's src/
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(python_path)}  # tests/: for the fault callbacks defined here
     done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == returncode, done.stderr[-3000:]
     return done

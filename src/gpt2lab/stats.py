@@ -1,15 +1,14 @@
 """The statistics of results repeated over seeds, which every summary reports (sweep, ablation, lr sweep, search):
 a sample's mean, standard deviation and Student-t confidence interval; the difference of two means with Welch's
 t-test (no equal-variance assumption: an option and its baseline need not vary alike over seeds); and the LR
-sensitivity of Wortsman et al. 2023. scipy computes them. With one run there is no spread, so no interval and no
+sensitivity of Wortsman et al. 2023. scipy computes them (imported when first needed: a training run never loads
+it; it comes with the sweeps extra). With one run there is no spread, so no interval and no
 test: those are None (shown as `–`), never an error."""
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean, stdev
-
-from scipy import stats
 
 CONFIDENCE = 0.95  # of every interval reported
 ALPHA = 0.05  # the default significance level of a verdict (SummarizeSweep's and summarize.py's --alpha)
@@ -34,6 +33,8 @@ def describe(values: Sequence[float]) -> Sample:
     n, mean = len(values), fmean(values)
     if n < 2:
         return Sample(n, mean, None, None)
+    from scipy import stats
+
     sd = stdev(values)
     return Sample(n, mean, sd, float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1)) * sd / math.sqrt(n))
 
@@ -59,6 +60,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Difference:
     delta = fmean(a) - fmean(b)
     if len(a) < 2 or len(b) < 2 or stdev(a) == stdev(b) == 0:
         return Difference(delta, None, None)
+    from scipy import stats
+
     test = stats.ttest_ind(a, b, equal_var=False)
     low, high = test.confidence_interval(CONFIDENCE)  # with the Welch–Satterthwaite df
     return Difference(delta, float(high - low) / 2, float(test.pvalue))
