@@ -39,7 +39,8 @@ HOPELESS = {"optim.lr": 1e-4, "scheduler.warmup_steps": 45, "callbacks.inject.at
 def search(sweep_dir: Path, data_dir: Path, n_trials: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "scripts/train.py", *SEARCH, f"hydra.sweeper.n_trials={n_trials}",
            f"hydra.sweep.dir={sweep_dir}", f"paths.data_dir={data_dir}"]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}  # InjectGradient, for the runs' Hydra to instantiate
+    python_path = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep a worktree's src/
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(python_path)}  # tests/: InjectGradient, for the runs' Hydra
     # not check=True: the exit status counts failed runs (the diverging trial)
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -394,7 +394,8 @@ def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]],
     import matplotlib.pyplot as plt
 
     groups: dict[str, list[dict[int, float]]] = {}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = len({group_of(row.overrides) for row in rows})  # at most, each a legend entry
+    fig, ax = plt.subplots(figsize=(7 + 3 * (lines > 12), 4.5 + 0.06 * max(0, lines - 12)))
     for row, curve in zip(rows, curves):
         if not curve:
             continue
@@ -412,7 +413,7 @@ def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]],
     ax.set(xlabel="optimizer step", ylabel=VAL_LOSS + " (error bars: 95% CI over seeds)",
            title=f"{path.parent.name}: {len(rows)} runs")  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small" if lines <= 12 else "x-small", ncol=1 + (lines > 12))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
