@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gpt2lab.errors import DataError
-from gpt2lab.lr_sweep import LR_KEY, LrCell, lr_groups
+from gpt2lab.lr_sweep import LR_KEY, LrCell, lr_groups, lr_of
 from gpt2lab.stats import ALPHA, Difference, describe, welch
 from gpt2lab.sweep import RunResult, run_results
 
@@ -46,10 +46,6 @@ class AblationRow:
     best_significant: bool | None = None
 
 
-def lr_scale(result: RunResult) -> float:
-    return float(OmegaConf.select(result.config, LR_KEY, default=1.0))  # a run from before the knob: unscaled
-
-
 def ablation_table(
     sweep_dir: str | Path,
     group: str = "ablation",
@@ -68,11 +64,11 @@ def ablation_table(
             f"{sweep_dir}: no run with {group}={baseline} (found {found}): the baseline every option is compared "
             "with; pass --baseline <option>"
         )
-    scales = {lr_scale(r) for r in results}
+    scales = {lr_of(r) for r in results}
     fixed = 1.0 if 1.0 in scales or len(scales) > 1 else scales.pop()
     fixed_runs: dict[str, list[RunResult]] = {}
     for result in results:
-        if lr_scale(result) == fixed:
+        if lr_of(result) == fixed:
             fixed_runs.setdefault(result.choices[group], []).append(result)
     finals = {
         option: [r.final_val_loss for r in runs if r.final_val_loss is not None] for option, runs in fixed_runs.items()
@@ -86,7 +82,7 @@ def ablation_table(
         versus = welch(finals[option], finals[baseline]) if sample else None
         rows.append(AblationRow(option, len(runs), len(finals[option]), *spread, *comparison(versus, alpha)))
     lr_results = run_results(best_lr_from) if best_lr_from is not None else results
-    if len({lr_scale(r) for r in lr_results}) > 1:
+    if len({lr_of(r) for r in lr_results}) > 1:
         add_best_lr(rows, lr_results, group, baseline, alpha)
     rows.sort(key=lambda r: (r.option != baseline, r.delta is None, r.delta or 0.0))
     write_ablation(rows, sweep_dir, group, alpha)

@@ -49,6 +49,11 @@ class LrGroup:
     init_loss: float  # ℓ₀: a uniform guess's, ln(vocabulary), which GPT-2's init gives
 
 
+def lr_of(result: RunResult, lr_key: str = LR_KEY) -> float:
+    """The run's value of the lr axis (a run from before train.lr_scale: its lrs as configured, × 1)."""
+    return float(OmegaConf.select(result.config, lr_key, default=1.0 if lr_key == LR_KEY else None))
+
+
 def actual_lrs(config: DictConfig) -> str:
     """Every learning rate of the run's optimizers (optim.lr, optim=muon's optim.muon.lr), × its train.lr_scale."""
     scale = OmegaConf.select(config, LR_KEY, default=1.0)  # a run from before the knob: its lrs as configured
@@ -77,8 +82,7 @@ def lr_groups(
         if result.final_val_loss is None and not result.diverged:
             log.warning("%s: neither completed nor diverged; left out of the lr sweep", result.run_dir)
             continue
-        lr = float(OmegaConf.select(result.config, lr_key, default=1.0))
-        grid.setdefault(group_by(result), {}).setdefault(lr, []).append(result)
+        grid.setdefault(group_by(result), {}).setdefault(lr_of(result, lr_key), []).append(result)
     groups = []
     for group, by_lr in grid.items():
         init_loss = uniform_guess_loss(next(iter(by_lr.values()))[0].config)
