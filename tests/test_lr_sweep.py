@@ -6,6 +6,8 @@ on the runs' own final val/loss, read back here from their TensorBoard events.""
 import csv
 import itertools
 import math
+import runpy
+import sys
 from pathlib import Path
 from statistics import fmean
 
@@ -14,7 +16,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import CONF_DIR, InjectGradient, read_summary, train_script
+from conftest import CONF_DIR, ROOT, InjectGradient, read_summary, train_script
 from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from scipy import stats as scipy_stats
@@ -173,3 +175,19 @@ def test_search_results_group_trials_by_their_params_without_the_seed(tmp_path):
     assert first["params"] == {"optim.lr": 1e-3} and (first["n"], first["mean"]) == (3, pytest.approx(6.2))
     assert first["sd"] == pytest.approx(0.1) and first["ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3))
     assert second["params"] == {"optim.lr": 3e-3} and (second["n"], second["mean"]) == (2, pytest.approx(6.3))
+
+
+@pytest.mark.slow
+def test_summarize_script_writes_and_prints_the_lr_sweep_and_the_ablation_at_a_given_alpha(
+    lr_sweep_dir, monkeypatch, capsys
+):
+    for name in ("lr_sensitivity.md", "ablation.md"):
+        (lr_sweep_dir / name).unlink()
+    argv = ["summarize.py", str(lr_sweep_dir), "--lr-sweep", "--ablation", "ablation", "--alpha", "0.01",
+            "--best-lr-from", str(lr_sweep_dir)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "scripts" / "summarize.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for name in ("summary.md", "lr_sensitivity.md", "ablation.md"):
+        assert (lr_sweep_dir / name).read_text() in out
+    assert "| p < 0.01 |" in (lr_sweep_dir / "ablation.md").read_text().splitlines()[0]
