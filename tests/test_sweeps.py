@@ -71,10 +71,16 @@ def test_multirun_end_writes_a_summary_table_and_plot_of_every_run(sweep_dir):
         assert float(row["best_val_loss"]) == pytest.approx(min(val_loss))
         assert int(row["tokens_seen"]) == TOKENS_PER_RUN
         assert 0 < float(row["wall_time_s"]) < 600
-    table = (sweep_dir / "summary.md").read_text().splitlines()
+    runs_table, groups_table = (t.splitlines() for t in (sweep_dir / "summary.md").read_text().split("\n\n"))
     # the overrides column would repeat the run's name
-    assert table[0].startswith("| run | status | final_val_loss |") and len(table) == 2 + 4
-    assert table[-1].startswith("| init=unscaled,optim.lr=0.001 | completed |")
+    assert runs_table[0].startswith("| run | status | final_val_loss |") and len(runs_table) == 2 + 4
+    assert runs_table[-1].startswith("| init=unscaled,optim.lr=0.001 | completed |")
+    # no seed swept: each run is a group of one, with no CI and no test, compared with the first
+    assert groups_table[0].startswith("| group | completed | final val/loss (± 95% CI) | sd | Δ vs init=gpt2,optim.lr=")
+    assert groups_table[-1].startswith(
+        f"| init=unscaled,optim.lr=0.001 | 1 of 1 | {float(rows[-1]['final_val_loss']):.4f}"
+    )
+    assert groups_table[-1].endswith(" (no CI: n = 1) | – | – |") and len(groups_table) == 2 + 4  # Δ, no p, no verdict
     image = matplotlib.image.imread(sweep_dir / "val_loss.png")
     assert image.shape[0] > 300 and image.shape[1] > 500
 

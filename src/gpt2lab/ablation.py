@@ -1,20 +1,22 @@
-"""Ablations: each option of one config group (e.g. `ablation=rope`) against a baseline option, over several
-seeds. `python scripts/summarize.py <sweep dir> --ablation ablation` writes ablation.md, ablation.csv and
-ablation.png: per option the mean final val/loss, its Δ against the baseline, the seed spread of both, and
-whether the difference exceeds that spread (the seeds' ranges do not overlap)."""
+"""Ablations: each option of one config group (e.g. `ablation=rope`) against a baseline option, over seeds.
+`python scripts/summarize.py <sweep dir> --ablation ablation` writes ablation.md, ablation.csv and ablation.png: per
+option its mean final val/loss ± 95% CI over seeds, Δ against the baseline with its 95% CI, Welch's p and the
+verdict at α, at the options' default lr; and, when the sweep also varies the lr (experiment=lr_sensitivity, or an
+lr sweep dir given: --best-lr-from), the same at each option's own best lr. A fixed-lr Δ mixes "this option is
+worse" with "this lr suits it less"; the best-lr Δ compares each at its best (Wortsman et al. 2023)."""
 
 import csv
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import mean
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gpt2lab.errors import DataError
-from gpt2lab.metrics import VAL_LOSS
-from gpt2lab.sweep import read_events, run_dirs, scalar_series
+from gpt2lab.lr_sweep import LR_KEY, LrCell, lr_groups, lr_of
+from gpt2lab.stats import ALPHA, Difference, describe, welch
+from gpt2lab.sweep import RunResult, run_results
 
 log = logging.getLogger(__name__)
 
@@ -24,71 +26,133 @@ ABLATION_FILES = ("ablation.md", "ablation.csv", "ablation.png")
 @dataclass
 class AblationRow:
     option: str  # the group's choice, e.g. rope
-    seeds: int  # runs that finished with a val/loss
-    val_loss: float  # mean over seeds of the final val/loss
-    spread: float  # half the range of the seeds' final val/loss: ± around the mean
-    delta: float  # val_loss − the baseline's
-    exceeds_spread: bool  # |delta| > spread + the baseline's spread: the seeds' ranges do not overlap
+    runs: int  # at the default lr, however they ended
+    n: int  # of them completed: the sample below
+    val_loss: float | None  # mean final val/loss over the seeds
+    ci95: float | None  # ± around it (Student t; None for n = 1)
+    delta: float | None  # val_loss − the baseline's
+    delta_ci95: float | None  # ± around delta (Welch–Satterthwaite df)
+    p: float | None  # Welch's t-test against the baseline, two-sided
+    significant: bool | None  # p < alpha
+    # the same at each option's best lr, when the sweep has an lr axis (LR_KEY): the option's and the baseline's
+    best_lr: float | None = None  # train.lr_scale × the option's own lrs
+    best_lrs: str | None = None  # those lrs
+    best_n: int | None = None
+    best_val_loss: float | None = None
+    best_ci95: float | None = None
+    best_delta: float | None = None
+    best_delta_ci95: float | None = None
+    best_p: float | None = None
+    best_significant: bool | None = None
 
 
-def final_val_losses(sweep_dir: Path, group: str) -> dict[str, list[float]]:
-    """The final val/loss of every run of the sweep, by its choice of `group` (runs without one are skipped)."""
-    losses: dict[str, list[float]] = {}
-    for run_dir in run_dirs(sweep_dir):
-        choice = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices.get(group)
-        val_loss = scalar_series(read_events(run_dir), VAL_LOSS)
-        if choice is None or not val_loss:
-            log.warning("%s: no %s choice or no val/loss; left out", run_dir, group)
-            continue
-        losses.setdefault(choice, []).append(val_loss[-1][1])
-    return losses
-
-
-def ablation_table(sweep_dir: str | Path, group: str = "ablation", baseline: str = "baseline") -> list[AblationRow]:
-    """The table of `summarize.py --ablation`, baseline first, then the options by Δ; written into sweep_dir."""
+def ablation_table(
+    sweep_dir: str | Path,
+    group: str = "ablation",
+    baseline: str = "baseline",
+    alpha: float = ALPHA,
+    best_lr_from: str | Path | None = None,
+) -> list[AblationRow]:
+    """The table of `summarize.py --ablation`, baseline first, then the options by Δ; written into sweep_dir. The
+    fixed-lr columns are the runs at train.lr_scale=1 (a sweep at one other scale: that one); the best-lr columns
+    come from this sweep's lr axis, or from the lr sweep in `best_lr_from`."""
     sweep_dir = Path(sweep_dir)
-    losses = final_val_losses(sweep_dir, group)
-    if baseline not in losses:
+    results = [r for r in run_results(sweep_dir) if r.choices.get(group) is not None]
+    if baseline not in {r.choices[group] for r in results}:
+        found = ", ".join(sorted({r.choices[group] for r in results})) or "none"
         raise DataError(
-            f"{sweep_dir}: no finished run with {group}={baseline} (found {', '.join(sorted(losses)) or 'none'}): "
-            f"the baseline every option is compared with; pass --baseline <option>"
+            f"{sweep_dir}: no run with {group}={baseline} (found {found}): the baseline every option is compared "
+            "with; pass --baseline <option>"
         )
-
-    def spread(values: list[float]) -> float:
-        return (max(values) - min(values)) / 2
-
-    base_mean, base_spread = mean(losses[baseline]), spread(losses[baseline])
-    rows = [
-        AblationRow(
-            option=option,
-            seeds=len(values),
-            val_loss=mean(values),
-            spread=spread(values),
-            delta=mean(values) - base_mean,
-            exceeds_spread=option != baseline and abs(mean(values) - base_mean) > spread(values) + base_spread,
-        )  # fmt: skip
-        for option, values in losses.items()
-    ]
-    rows.sort(key=lambda r: (r.option != baseline, r.delta))
-    write_ablation(rows, sweep_dir, group)
+    scales = {lr_of(r) for r in results}
+    fixed = 1.0 if 1.0 in scales or len(scales) > 1 else scales.pop()
+    fixed_runs: dict[str, list[RunResult]] = {}
+    for result in results:
+        if lr_of(result) == fixed:
+            fixed_runs.setdefault(result.choices[group], []).append(result)
+    finals = {
+        option: [r.final_val_loss for r in runs if r.final_val_loss is not None] for option, runs in fixed_runs.items()
+    }
+    if not finals.get(baseline):
+        raise DataError(f"{sweep_dir}: no completed run with {group}={baseline} at {LR_KEY}={fixed:g}")
+    rows = []
+    for option, runs in fixed_runs.items():
+        sample = describe(finals[option]) if finals[option] else None
+        spread = (sample.mean, sample.ci) if sample else (None, None)
+        versus = welch(finals[option], finals[baseline]) if sample else None
+        rows.append(AblationRow(option, len(runs), len(finals[option]), *spread, *comparison(versus, alpha)))
+    lr_results = run_results(best_lr_from) if best_lr_from is not None else results
+    if len({lr_of(r) for r in lr_results}) > 1:
+        add_best_lr(rows, lr_results, group, baseline, alpha)
+    rows.sort(key=lambda r: (r.option != baseline, r.delta is None, r.delta or 0.0))
+    write_ablation(rows, sweep_dir, group, alpha)
     return rows
 
 
-def markdown(rows: list[AblationRow], group: str) -> str:
-    lines = [
-        f"| {group} | seeds | final val/loss (± half range) | Δ vs {rows[0].option} | beyond the seed spread |",
-        "| --- | ---: | ---: | ---: | --- |",
-    ]
+def comparison(versus: Difference | None, alpha: float) -> tuple:
+    if versus is None:
+        return None, None, None, None
+    return versus.delta, versus.ci, versus.p, versus.significant(alpha)
+
+
+def add_best_lr(rows: list[AblationRow], results: list[RunResult], group: str, baseline: str, alpha: float) -> None:
+    """Fill each row's best-lr columns: its option's best cell of the lr sweep against the baseline's best cell."""
+    swept = [r for r in results if r.choices.get(group) is not None]
+    best: dict[str, LrCell] = {g.group: g.best for g in lr_groups(swept, group_by=lambda r: r.choices[group])}
+    if baseline not in best:
+        raise DataError(f"the lr sweep has no run with {group}={baseline}: the baseline every option is compared with")
+    for row in rows:
+        cell = best.get(row.option)
+        if cell is None:
+            log.warning("%s=%s: not in the lr sweep; no best-lr comparison", group, row.option)
+            continue
+        loss = cell.loss
+        row.best_lr, row.best_lrs, row.best_n, row.best_val_loss, row.best_ci95 = (
+            cell.lr, cell.lrs, loss.n, loss.mean, loss.ci
+        )  # fmt: skip
+        versus = welch(cell.losses, best[baseline].losses)
+        row.best_delta, row.best_delta_ci95, row.best_p, row.best_significant = comparison(versus, alpha)
+
+
+def markdown(rows: list[AblationRow], group: str, alpha: float) -> str:
+    base = rows[0].option
+    best_lr = any(r.best_lr is not None for r in rows)
+    header = f"| {group} | n | final val/loss (± 95% CI) | Δ vs {base} (± 95% CI) | p (Welch) | p < {alpha:g} |"
+    align = "| --- | ---: | ---: | ---: | ---: | --- |"
+    if best_lr:
+        header += f" best {LR_KEY} | final val/loss there | Δ at each one's best lr | p | p < {alpha:g} |"
+        align += " ---: | ---: | ---: | ---: | --- |"
+    lines = [header, align]
     for r in rows:
-        verdict = "–" if r is rows[0] else ("**yes**" if r.exceeds_spread else "no")
-        delta = "–" if r is rows[0] else f"{r.delta:+.4f}"
-        lines.append(f"| {r.option} | {r.seeds} | {r.val_loss:.4f} ± {r.spread:.4f} | {delta} | {verdict} |")
+        cells = [r.option, f"{r.n}" if r.n == r.runs else f"{r.n} of {r.runs}", pm(r.val_loss, r.ci95)]
+        cells += ["–"] * 3 if r is rows[0] else [pm(r.delta, r.delta_ci95, "+"), p_text(r.p), yes_no(r.significant)]
+        if best_lr:
+            cells += [f"{r.best_lr:g}" if r.best_lr is not None else "–", pm(r.best_val_loss, r.best_ci95)]
+            if r is rows[0]:
+                cells += ["–"] * 3
+            else:
+                cells += [pm(r.best_delta, r.best_delta_ci95, "+"), p_text(r.best_p), yes_no(r.best_significant)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_ablation(rows: list[AblationRow], sweep_dir: Path, group: str) -> None:
+def pm(value: float | None, ci: float | None, sign: str = "") -> str:
+    if value is None:
+        return "–"
+    return f"{value:{sign}.4f}" + (f" ± {ci:.4f}" if ci is not None else "")
+
+
+def p_text(p: float | None) -> str:
+    return "–" if p is None else f"{p:.2g}"
+
+
+def yes_no(significant: bool | None) -> str:
+    return "–" if significant is None else ("**yes**" if significant else "no")
+
+
+def write_ablation(rows: list[AblationRow], sweep_dir: Path, group: str, alpha: float) -> None:
     md, csv_path, png = (sweep_dir / name for name in ABLATION_FILES)
-    md.write_text(markdown(rows, group))
+    md.write_text(markdown(rows, group, alpha))
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
@@ -98,22 +162,34 @@ def write_ablation(rows: list[AblationRow], sweep_dir: Path, group: str) -> None
 
 
 def plot(rows: list[AblationRow], path: Path, group: str) -> None:
-    """Δ final val/loss of each option against the baseline, with the seed spread of both as error bars."""
+    """Δ final val/loss of each option against the baseline with its 95% CI as error bars: at the default lr, and
+    at each option's best lr when the sweep had an lr axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    options = rows[1:]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(options) + 1.5))
+    options = [r for r in rows[1:] if r.delta is not None]
+    best_lr = any(r.best_delta is not None for r in options)
+    height = 0.4 if best_lr else 0.8
+    fig, ax = plt.subplots(figsize=(7.5, (0.55 if best_lr else 0.45) * len(options) + 1.5))
+    y = range(len(options))
     ax.barh(
-        [r.option for r in options], [r.delta for r in options],
-        xerr=[r.spread + rows[0].spread for r in options],
-        color=["C3" if r.delta > 0 else "C2" for r in options], alpha=0.8, capsize=3,
+        [i - height / 2 * best_lr for i in y], [r.delta for r in options], height=height,
+        xerr=[r.delta_ci95 or 0.0 for r in options], color="C0", alpha=0.8, capsize=3,
+        label=f"at the default lr ({LR_KEY}=1)",
     )  # fmt: skip
+    if best_lr:
+        ax.barh(
+            [i + height / 2 for i in y], [r.best_delta or 0.0 for r in options], height=height,
+            xerr=[r.best_delta_ci95 or 0.0 for r in options], color="C1", alpha=0.8, capsize=3,
+            label="each at its best lr",
+        )  # fmt: skip
+        ax.legend(fontsize="small")
+    ax.set_yticks(list(y), [r.option for r in options])
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set(xlabel=f"Δ final val/loss vs {rows[0].option} (error bar: both seed spreads)", ylabel=group)
+    ax.set(xlabel=f"Δ final val/loss vs {rows[0].option} (error bars: 95% CI, Welch)", ylabel=group)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -125,8 +201,8 @@ class SummarizeAblation(Callback):
     Hydra calls end callbacks last-registered first, so it is written before the sweep summary's, whose exit
     status may report failed runs."""
 
-    def __init__(self, group: str = "ablation", baseline: str = "baseline"):
-        self.group, self.baseline = group, baseline
+    def __init__(self, group: str = "ablation", baseline: str = "baseline", alpha: float = ALPHA):
+        self.group, self.baseline, self.alpha = group, baseline, alpha
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        ablation_table(config.hydra.sweep.dir, self.group, self.baseline)
+        ablation_table(config.hydra.sweep.dir, self.group, self.baseline, self.alpha)

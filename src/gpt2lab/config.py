@@ -124,6 +124,7 @@ class TrainSchema:
 
     total_batch_size: int | None = MISSING
     val_every_n_steps: int = MISSING
+    lr_scale: float = MISSING
     grad_clip: float | None = MISSING
     on_nonfinite: OnNonFinite = MISSING
 
@@ -209,5 +210,7 @@ def check_config(cfg: DictConfig) -> None:
             f"accelerator.precision={cfg.accelerator.precision} on {cfg.accelerator.name}: fp16 with a gradient scaler "
             "is for CUDA GPUs without bf16 (V100, T4); use bf16-mixed or 32-true"
         )
+    if not cfg.train.lr_scale > 0:
+        raise ConfigError(f"train.lr_scale={cfg.train.lr_scale}: must be positive (1.0: the optimizers' own lrs)")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr}: the learning rate must be positive, e.g. optim.lr=6e-4")

@@ -64,6 +64,7 @@ class GPTModule(L.LightningModule):
         init_weights: Callable[[GPT], None],
         optimizer: Callable[..., Optimizer],
         lr_schedule: Callable[..., float],
+        lr_scale: float,
         grad_clip: float | None,
         val_every_n_steps: int,
         compile: bool = False,
@@ -76,7 +77,7 @@ class GPTModule(L.LightningModule):
         self.model = GPT(config, attention)
         init_weights(self.model)
         self.make_optimizer, self.lr_schedule, self.compile_model = optimizer, lr_schedule, compile
-        self.grad_clip, self.val_every_n_steps = grad_clip, val_every_n_steps
+        self.lr_scale, self.grad_clip, self.val_every_n_steps = lr_scale, grad_clip, val_every_n_steps
         self.register_buffer("unseen_tokens", None, persistent=False)  # set in setup from the data
         self.val_loss: float | None = None  # of the last validation; saved in checkpoints
 
@@ -201,7 +202,8 @@ class GPTModule(L.LightningModule):
                 # Lightning's scaler would unscale and update once per optimizer: Muon's gradients twice
                 raise ConfigError("optim=muon with fp16 (16-mixed) is not supported: use bf16-mixed or 32-true")
             optimizers.append(make_muon([p for name, p in named if name in hidden]))
-        lr_lambda = partial(self.lr_schedule, max_steps=self.trainer.max_steps)  # one schedule for both
+        schedule = partial(self.lr_schedule, max_steps=self.trainer.max_steps)  # one schedule for both
+        lr_lambda = lambda step: self.lr_scale * schedule(step)  # train.lr_scale: every group's lr × it, logged so
         configs = [
             {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_lambda), "interval": "step"}}
             for optimizer in optimizers

@@ -31,6 +31,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from gpt2lab.errors import ConfigError, RunStopped
+from gpt2lab.stats import describe
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +273,28 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: JobReturn | BaseExcep
 
 
 def write_results(study: optuna.Study, path: Path) -> None:
-    """The best trial so far (as hydra-optuna-sweeper wrote it) and how many trials ended in each state."""
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    """The best trial so far (as hydra-optuna-sweeper wrote it), how many trials ended in each state, and the
+    completed trials grouped by their params without the seed (a search may sample seeds too: its trials of one
+    config are then one sample), best mean first: n, mean, sd and the 95% CI of each (none for n = 1)."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
     results = {"name": "optuna", "study_name": study.study_name, "trials": {s: states.count(s) for s in set(states)}}
     if any(s == TrialState.COMPLETE.name for s in states):
         best = study.best_trial
         results |= {"best_trial": best.number, "best_params": best.params, "best_value": best.value}
         log.info("best: trial %d (%s), val/loss %.4f", best.number, best.params, best.value)
+        results["groups"] = trial_groups([t for t in trials if t.state == TrialState.COMPLETE])
     else:
         log.warning("study %s has no completed trial", study.study_name)
     path.write_text(yaml.safe_dump(results, sort_keys=False))
+
+
+def trial_groups(trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
+    from gpt2lab.sweep import REPLICATE_KEYS  # lazily, as run_status
+
+    values: dict[tuple, list[float]] = {}
+    for trial in trials:
+        params = tuple((k, v) for k, v in trial.params.items() if k not in REPLICATE_KEYS)
+        values.setdefault(params, []).append(trial.value)
+    samples = sorted(((dict(params), describe(v)) for params, v in values.items()), key=lambda g: g[1].mean)
+    return [{"params": params, "n": s.n, "mean": s.mean, "sd": s.sd, "ci95": s.ci} for params, s in samples]

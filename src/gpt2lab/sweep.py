@@ -1,11 +1,14 @@
 """Sweeps: how each run of a multirun is named (by what the sweep varies: its dir and TensorBoard run), how it
 ends (status.json: a run that stops or fails is recorded and the sweep goes on), its HParams entry, and the summary
-of a whole sweep dir (a table of each run's status, final and best val/loss, tokens seen and wall time; the val-loss
-curves of all runs in one plot), written by `scripts/summarize.py` or by the Hydra callback when a multirun ends."""
+of a whole sweep dir, written by `scripts/summarize.py` or by the Hydra callback when a multirun ends: a table of each
+run's status, final and best val/loss, tokens seen and wall time; a table of each group of runs that differ only in
+their seed (mean final val/loss, sd, n, 95% CI, and against a reference group: Δ, its CI and Welch's p); the val-loss
+curves of each group (mean ± 95% CI) in one plot."""
 
 import csv
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,12 +27,14 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from gpt2lab.config import in_multirun, swept_overrides
 from gpt2lab.errors import DataError, RunRequeued, RunStopped, RunTerminated, user_error_message
 from gpt2lab.metrics import VAL_LOSS
+from gpt2lab.stats import ALPHA, describe, welch
 from gpt2lab.trackers import record_run_end
 
 log = logging.getLogger(__name__)
 
 FINAL_METRICS = ("final/val_loss", "final/tokens_seen")  # logged once, beside the hyperparameters
-SUMMARY_FILES = ("summary.csv", "summary.md", "val_loss.png")
+SUMMARY_FILES = ("summary.csv", "summary.md", "val_loss.png", "summary_groups.csv")
+REPLICATE_KEYS = ("seed", "search.trial")  # overrides that repeat a config rather than change it: a group's runs
 NOT_HPARAMS = ("hydra", "callbacks", "logger")  # config groups that do not change what a run learns
 
 
@@ -174,6 +179,52 @@ class RunSummary:
     wall_time_s: float | None  # from the run's first TensorBoard event to its last
 
 
+@dataclass
+class GroupSummary:
+    group: str  # what its runs share of what the sweep varies: their overrides without the seed
+    runs: int  # however they ended
+    n: int  # completed with a final val/loss: the sample below
+    mean: float | None  # of the final val/loss
+    sd: float | None
+    ci95: float | None  # ± around the mean (Student t, n − 1 df)
+    delta: float | None  # mean − the reference group's
+    delta_ci95: float | None  # ± around delta (Welch–Satterthwaite df)
+    p: float | None  # Welch's t-test, two-sided
+    significant: bool | None  # p < alpha
+
+
+def group_of(overrides: str) -> str:
+    """`ablation=rope,seed=1338` → `ablation=rope`: the config a run repeats; runs that differ only in a
+    REPLICATE_KEYS value are one sample of it."""
+    return ",".join(o for o in overrides.split(",") if o and o.split("=")[0] not in REPLICATE_KEYS)
+
+
+def summarize_groups(rows: list[RunSummary], alpha: float = ALPHA, reference: str | None = None) -> list[GroupSummary]:
+    """Per group of runs (group_of their differing overrides), in the order of their first run: the statistics of
+    its completed runs' final val/loss, and the difference from the `reference` group (default: the first, that of
+    the sweep's first job: each swept key's first value)."""
+    groups: dict[str, list[RunSummary]] = {}
+    for row in rows:
+        groups.setdefault(group_of(row.overrides), []).append(row)
+    finals = {
+        group: [r.final_val_loss for r in runs if r.status == "completed" and r.final_val_loss is not None]
+        for group, runs in groups.items()
+    }
+    reference = next(iter(groups)) if reference is None else reference
+    if reference not in groups:
+        raise DataError(
+            f"reference={reference!r} is not a group of this sweep: pass one of {', '.join(map(repr, groups))}"
+        )
+    summaries = []
+    for group, runs in groups.items():
+        sample = describe(finals[group]) if finals[group] else None
+        versus = welch(finals[group], finals[reference]) if finals[group] and finals[reference] else None
+        spread = (sample.mean, sample.sd, sample.ci) if sample else (None,) * 3
+        difference = (versus.delta, versus.ci, versus.p, versus.significant(alpha)) if versus else (None,) * 4
+        summaries.append(GroupSummary(group, len(runs), len(finals[group]), *spread, *difference))
+    return summaries
+
+
 def run_dirs(sweep_dir: Path) -> list[Path]:
     """Every Hydra job dir under sweep_dir, in the order the sweep started them (hydra.job.num: 0, 1, …, 10)."""
 
@@ -204,7 +255,7 @@ def scalar_series(accumulators: list[EventAccumulator], tag: str) -> list[tuple[
 
 def summarize_run(run_dir: Path, sweep_dir: Path) -> tuple[RunSummary, list[tuple[int, float]]]:
     """The run's row of the summary table, and its val-loss curve."""
-    overrides = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.override_dirname
+    overrides = override_dirname(run_dir)
     accumulators = read_events(run_dir)
     val_loss = scalar_series(accumulators, VAL_LOSS)
     tokens = scalar_series(accumulators, FINAL_METRICS[1])
@@ -223,6 +274,42 @@ def summarize_run(run_dir: Path, sweep_dir: Path) -> tuple[RunSummary, list[tupl
     return row, [(step, value) for step, value, _ in val_loss]
 
 
+@dataclass
+class RunResult:
+    """How a run of a sweep ended, as the comparisons across its runs read it (ablation, lr sweep)."""
+
+    run_dir: Path
+    overrides: str  # those that differ between the sweep's runs
+    choices: dict[str, str]  # each config group's option (hydra.runtime.choices)
+    config: DictConfig  # as Hydra composed it (.hydra/config.yaml)
+    final_val_loss: float | None  # completed, with a finite val/loss at its last step
+    diverged: bool  # did not complete, after a non-finite loss, gradient norm or val/loss: at its lr it cannot train
+
+
+DIVERGED_IF_NONFINITE = ("train/loss", "train/grad_norm", VAL_LOSS)
+
+
+def run_results(sweep_dir: str | Path) -> list[RunResult]:
+    """Every run of the sweep (run_dirs' order), read back from its config, status.json and TensorBoard events."""
+    runs = run_dirs(Path(sweep_dir))
+    results = []
+    for run_dir, overrides in zip(runs, differing_overrides([override_dirname(run) for run in runs])):
+        events = read_events(run_dir)
+        last = scalar_series(events, VAL_LOSS)[-1:]
+        completed = read_run_status(run_dir).status == "completed" and last and math.isfinite(last[0][1])
+        values = [v for tag in DIVERGED_IF_NONFINITE for _, v, _ in scalar_series(events, tag)]
+        choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        final, diverged = (last[0][1], False) if completed else (None, not all(map(math.isfinite, values)))
+        results.append(RunResult(run_dir, overrides, dict(choices), config, final, diverged))
+    return results
+
+
+def override_dirname(run_dir: Path) -> str:
+    """The run's overrides as Hydra names them (`ablation=rope,seed=1338`), without those conf/hydra excludes."""
+    return OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.override_dirname
+
+
 def differing_overrides(all_overrides: list[str]) -> list[str]:
     """Each run's overrides without those every run shares (`model=tiny` in a sweep over lr)."""
     split = [o.split(",") if o else [] for o in all_overrides]
@@ -230,8 +317,9 @@ def differing_overrides(all_overrides: list[str]) -> list[str]:
     return [",".join(o for o in items if o not in shared) for items in split]
 
 
-def summarize(sweep_dir: str | Path) -> list[RunSummary]:
-    """Write summary.csv, summary.md and val_loss.png into sweep_dir; return the rows."""
+def summarize(sweep_dir: str | Path, alpha: float = ALPHA, reference: str | None = None) -> list[RunSummary]:
+    """Write summary.csv (a row per run), summary_groups.csv (a row per group of seeds: summarize_groups),
+    summary.md (both tables) and val_loss.png into sweep_dir; return the runs' rows."""
     sweep_dir = Path(sweep_dir)
     runs = run_dirs(sweep_dir)
     if not runs:
@@ -242,14 +330,17 @@ def summarize(sweep_dir: str | Path) -> list[RunSummary]:
     rows, curves = zip(*(summarize_run(run, sweep_dir) for run in runs))
     for row, overrides in zip(rows, differing_overrides([r.overrides for r in rows])):
         row.overrides = overrides or row.overrides
-    write_csv(rows, sweep_dir / SUMMARY_FILES[0])
-    (sweep_dir / SUMMARY_FILES[1]).write_text(markdown_table(rows))
-    plot_val_loss(rows, curves, sweep_dir / SUMMARY_FILES[2])
+    groups = summarize_groups(list(rows), alpha, reference)
+    runs_csv, md, png, groups_csv = (sweep_dir / name for name in SUMMARY_FILES)
+    write_csv(rows, runs_csv)
+    write_csv(groups, groups_csv)
+    md.write_text(markdown_table(rows) + "\n" + markdown_groups(groups, alpha))
+    plot_val_loss(rows, curves, png)
     log.info("sweep summary of %d runs: %s", len(rows), ", ".join(str(sweep_dir / f) for f in SUMMARY_FILES))
     return list(rows)
 
 
-def write_csv(rows: list[RunSummary], path: Path) -> None:
+def write_csv(rows: list, path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
@@ -276,7 +367,32 @@ def markdown_table(rows: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_groups(groups: list[GroupSummary], alpha: float) -> str:
+    """Each group's final val/loss over its seeds and its difference from the first (the reference)."""
+
+    def pm(value: float | None, ci: float | None, sign: str = "") -> str:
+        if value is None:
+            return "–"
+        return f"{value:{sign}.4f}" + (f" ± {ci:.4f}" if ci is not None else " (no CI: n = 1)")
+
+    reference = groups[0].group or "all runs"
+    lines = [
+        f"| group | completed | final val/loss (± 95% CI) | sd | Δ vs {reference} (± 95% CI) | p (Welch) | p < {alpha:g} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for g in groups:
+        delta = "–" if g is groups[0] else pm(g.delta, g.delta_ci95, "+")
+        p = "–" if g.p is None else f"{g.p:.2g}"
+        verdict = "–" if g.significant is None else ("**yes**" if g.significant else "no")
+        sd = "–" if g.sd is None else f"{g.sd:.4f}"
+        cells = [g.group or "all runs", f"{g.n} of {g.runs}", pm(g.mean, g.ci95), sd, delta, p, verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]], path: Path) -> None:
+    """Each group's val/loss curve: the mean over its completed runs at the steps they share, with the 95% CI of
+    that mean as error bars (none for a group of one run); a run that did not complete, dashed on its own."""
     try:
         import matplotlib
     except ImportError:
@@ -285,26 +401,42 @@ def plot_val_loss(rows: list[RunSummary], curves: list[list[tuple[int, float]]],
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict[int, float]]] = {}
+    lines = len({group_of(row.overrides) for row in rows})  # at most, each a legend entry
+    fig, ax = plt.subplots(figsize=(7 + 3 * (lines > 12), 4.5 + 0.06 * max(0, lines - 12)))
     for row, curve in zip(rows, curves):
-        if curve:
+        if not curve:
+            continue
+        if row.status != "completed":
             steps, values = zip(*curve)
-            ended = "" if row.status == "completed" else f" ({row.status})"
-            ax.plot(steps, values, marker="o", markersize=3, label=(row.overrides or row.run) + ended)
-    ax.set(xlabel="optimizer step", ylabel=VAL_LOSS, title=f"{path.parent.name}: {len(rows)} runs")
+            ax.plot(steps, values, linestyle="--", marker="x", label=f"{row.overrides or row.run} ({row.status})")
+        else:
+            groups.setdefault(group_of(row.overrides), []).append(dict(curve))
+    for group, runs in groups.items():
+        steps = sorted(set.intersection(*(set(run) for run in runs)))
+        samples = [describe([run[step] for run in runs]) for step in steps]
+        bars = [s.ci for s in samples] if len(runs) > 1 else None
+        label = (group or "all runs") + (f" (n = {len(runs)})" if len(runs) > 1 else "")
+        ax.errorbar(steps, [s.mean for s in samples], yerr=bars, marker="o", markersize=3, capsize=3, label=label)
+    ax.set(xlabel="optimizer step", ylabel=VAL_LOSS + " (error bars: 95% CI over seeds)",
+           title=f"{path.parent.name}: {len(rows)} runs")  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small" if lines <= 12 else "x-small", ncol=1 + (lines > 12))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 class SummarizeSweep(Callback):
-    """Hydra callback: when a multirun ends, summarize its sweep dir (see `summarize`); if some of its runs did not
-    complete, exit non-zero saying how many (Hydra lets a SystemExit from a callback through)."""
+    """Hydra callback: when a multirun ends, summarize its sweep dir (see `summarize`: `alpha`, the significance
+    level of its verdicts); if some of its runs did not complete, exit non-zero saying how many (Hydra lets a
+    SystemExit from a callback through)."""
+
+    def __init__(self, alpha: float = ALPHA):
+        self.alpha = alpha
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        rows = summarize(config.hydra.sweep.dir)
+        rows = summarize(config.hydra.sweep.dir, self.alpha)
         failed = [row for row in rows if row.status not in WENT_WELL]
         if failed:
             summary = Path(config.hydra.sweep.dir, SUMMARY_FILES[1])
