@@ -1,13 +1,16 @@
 """Training throughput on this device, candidates side by side: `python scripts/bench.py model=tiny` (conf/bench.yaml).
 
-At equal settings (fp32, the same allocator: the device's accelerator.malloc): (a) our Lightning training step,
-(b) a plain PyTorch loop over the same model and optimizer, (c) Hugging Face GPT2LMHeadModel with the same config
-and optimizer. Out of the box: (d) our step with the device's fast-path defaults (conf/accelerator: precision,
-compile, malloc) against (c0) Hugging Face as a user gets it (fp32, glibc's allocator defaults).
-Allocator settings are per process, so (a)-(c), (c0) and (d) run in three worker processes; the driver alternates
-the candidates round by round (only one runs at a time) to cancel drift in a shared machine's speed.
+At equal settings (fp32, the same allocator: the device's accelerator.malloc): (a) our Lightning training step
+without the stability instruments, (b) a plain PyTorch loop over the same model and optimizer, (c) Hugging Face
+GPT2LMHeadModel with the same config and optimizer, (e) our step with the instruments at their cadence
+(train.monitor_every_n_steps: (e)/(a) is their cost). Out of the box: (d) our step with the device's fast-path
+defaults (conf/accelerator: precision, compile, malloc; the instruments on, as shipped) against (c0) Hugging Face as a
+user gets it (fp32, glibc's allocator defaults).
+Allocator settings are per process, so (a)-(c) and (e), (c0) and (d) run in three worker processes; the driver
+alternates the candidates round by round (only one runs at a time) to cancel drift in a shared machine's speed.
 """
 
+import math
 import multiprocessing as mp
 import statistics
 import threading
@@ -25,13 +28,15 @@ from gpt2lab.accelerator import resolve_accelerator, set_up_process
 from gpt2lab.callbacks.monitor import MEASURED, peak_flops
 from gpt2lab.config import register_resolvers
 
-LABELS = {
+LABELS = {  # in the order they take turns: (e) beside (a), the two its ratio compares
     "lightning": "(a) Lightning step, fp32",
+    "stability": "(e) Lightning step + instruments, fp32",
     "plain": "(b) plain PyTorch loop, fp32",
     "hf": "(c) HF GPT2LMHeadModel, fp32",
     "hf_stock": "(c0) HF as shipped: fp32, glibc malloc",
     "fastpath": "(d) Lightning step, fast path",
 }
+LIGHTNING = ("lightning", "fastpath", "stability")  # the candidates that are our step in a Trainer
 
 
 def batches(datamodule, device: torch.device):
@@ -64,10 +69,15 @@ class Gate(L.Callback):
 
 
 class LightningCandidate:
-    """Our training step in a real Trainer, at the config's accelerator settings (precision, compile, attention)."""
+    """Our training step in a real Trainer, at the config's accelerator settings (precision, compile, attention), with
+    the stability instruments at the config's cadence or off."""
 
-    def __init__(self, cfg: DictConfig):
-        module = instantiate(cfg.module, val_every_n_steps=10**9)  # no validation inside the timed steps
+    def __init__(self, cfg: DictConfig, instruments: bool):
+        module = instantiate(  # no validation inside the timed steps
+            cfg.module,
+            val_every_n_steps=10**9,
+            monitor_every_n_steps=cfg.train.monitor_every_n_steps if instruments else None,
+        )
         self.gate, self.device = Gate(), torch.device(cfg.accelerator.name)
         trainer = L.Trainer(
             accelerator=cfg.accelerator.name, devices=1, precision=cfg.accelerator.precision, max_steps=10**9,
@@ -159,8 +169,8 @@ def worker(conn, cfg_container: dict, names: list[str]) -> None:
     set_up_process(cfg.accelerator.matmul_precision, malloc)
     L.seed_everything(cfg.seed, verbose=False)
     candidates = {
-        name: LightningCandidate(cfg)
-        if name in ("lightning", "fastpath")
+        name: LightningCandidate(cfg, instruments=name != "lightning")
+        if name in LIGHTNING
         else LoopCandidate(cfg, hf=name.startswith("hf"))
         for name in names
     }
@@ -184,8 +194,9 @@ def with_accelerator(cfg: DictConfig, **settings) -> dict:
 def main(cfg: DictConfig) -> None:
     fp32 = dict(precision="32-true", compile=False, matmul_precision=None)
     equal = with_accelerator(cfg, **fp32)
+    order = [name for name in LABELS if cfg.bench.candidates is None or name in cfg.bench.candidates]
     groups = {  # the candidates of a worker process, and the config it runs them with
-        "equal": (["lightning", "plain", "hf"], equal),
+        "equal": (["lightning", "stability", "plain", "hf"], equal),
         "stock": (["hf_stock"], with_accelerator(cfg, **fp32, malloc=None)),
         "fast": (["fastpath"], with_accelerator(cfg)),  # the device's defaults
     }
@@ -195,6 +206,9 @@ def main(cfg: DictConfig) -> None:
     ctx = mp.get_context("spawn")
     pipes, peaks, precision_of = {}, {}, {}
     for names, container in groups.values():
+        names = [name for name in names if name in order]
+        if not names:
+            continue
         parent, child = ctx.Pipe()
         ctx.Process(target=worker, args=(child, container, names), daemon=True).start()
         child.close()  # so that a worker that dies (e.g. out of memory) is an EOFError here, not a hang
@@ -210,15 +224,21 @@ def main(cfg: DictConfig) -> None:
         f"{cfg.accelerator.attention}, malloc {cfg.accelerator.malloc}; equal settings: attention "
         f"{equal['accelerator']['attention']}"
     )
-    order = list(LABELS)
+    steps, warmup = dict.fromkeys(order, cfg.bench.steps), dict.fromkeys(order, cfg.bench.warmup_steps)
+    if every := cfg.train.monitor_every_n_steps:
+        # a round of (a), (d) and (e) is whole cadences, so that each of (d)'s and (e)'s holds as many monitored steps;
+        # their warm-up runs past the first (on a GPU: the monitored step's graph compiled)
+        for name in LIGHTNING:
+            steps[name] = every * math.ceil(cfg.bench.steps / every)
+            warmup[name] = max(cfg.bench.warmup_steps, every)
     for name in order:  # warm-up: lazy init, optimizer state, compilation
-        pipes[name].send((name, cfg.bench.warmup_steps))
+        pipes[name].send((name, warmup[name]))
         pipes[name].recv()
     rates = {name: [] for name in order}
     for r in range(cfg.bench.rounds):
         for name in order if r % 2 == 0 else order[::-1]:
-            pipes[name].send((name, cfg.bench.steps))
-            rates[name].append(cfg.bench.steps * tokens_per_step / pipes[name].recv())
+            pipes[name].send((name, steps[name]))
+            rates[name].append(steps[name] * tokens_per_step / pipes[name].recv())
         print(f"round {r + 1}/{cfg.bench.rounds}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in order), flush=True)
 
     fpt = instantiate(cfg.module).model.flops_per_token(T)
@@ -235,12 +255,20 @@ def main(cfg: DictConfig) -> None:
     # each ratio is taken round by round, of two candidates that ran one after the other, and its median reported:
     # on a shared machine the speed drifts between rounds, and the pairs cancel that drift (the ratio of the two
     # medians, which may come from different rounds, does not)
+    pairs = (("lightning", "plain"), ("lightning", "hf"), ("fastpath", "hf_stock"), ("stability", "lightning"))
     ratios = {  # "(a)/(b)": the rounds' ratios
         f"{LABELS[a].split()[0]}/{LABELS[b].split()[0]}": [x / y for x, y in zip(rates[a], rates[b])]
-        for a, b in (("lightning", "plain"), ("lightning", "hf"), ("fastpath", "hf_stock"))
+        for a, b in pairs
+        if a in rates and b in rates
     }
     print("ratios: the median of the rounds' ratios [their range]")
     print("   ".join(f"{name} = {statistics.median(v):.3f} [{min(v):.3f}–{max(v):.3f}]" for name, v in ratios.items()))
+    if "(e)/(a)" in ratios:  # time, where the ratio is of speeds
+        cost = [1 / ratio - 1 for ratio in ratios["(e)/(a)"]]
+        print(
+            f"stability instruments every {cfg.train.monitor_every_n_steps} steps: {statistics.median(cost):+.2%} of "
+            f"a step's time [{min(cost):+.2%} to {max(cost):+.2%}]"
+        )
     for pipe in set(pipes.values()):
         pipe.send(None)
 

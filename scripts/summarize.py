@@ -12,7 +12,11 @@ at never-seen tokens (experiment=unused_tokens) into <run dir>/unused_tokens.png
 sweep varies train.lr_scale (or --best-lr-from <lr sweep dir>), at each option's best lr.
 
 `--lr-sweep [KEY]` also writes lr_sensitivity.md, .csv and .png (experiment=lr_sensitivity): per group of runs its
-best value of the lr axis KEY (train.lr_scale), the final val/loss there ± 95% CI, and its LR sensitivity."""
+best value of the lr axis KEY (train.lr_scale), the final val/loss there ± 95% CI, and its LR sensitivity.
+
+`--instabilities` also writes instabilities.md, instabilities.csv and instabilities.png (experiment=instabilities):
+per learning rate, qk_norm and z_loss, each seed's largest attention logit, final log Z and val/loss, and whether it
+diverged."""
 
 import argparse
 import logging
@@ -22,6 +26,7 @@ from gpt2lab.ablation import ABLATION_FILES, ablation_table
 from gpt2lab.errors import exit_on_user_error
 from gpt2lab.lr_sweep import LR_FILES, LR_KEY, lr_sweep_table
 from gpt2lab.metrics import unused_token_report
+from gpt2lab.stability import INSTABILITY_FILES, instability_table
 from gpt2lab.stats import ALPHA
 from gpt2lab.sweep import SUMMARY_FILES, summarize
 
@@ -37,6 +42,7 @@ def main() -> None:
     parser.add_argument("--baseline", default="baseline", help="with --ablation: the option to compare against")
     parser.add_argument("--best-lr-from", type=Path, metavar="DIR", help="with --ablation: an lr sweep of its options")
     parser.add_argument("--lr-sweep", nargs="?", const=LR_KEY, metavar="KEY", help=f"the lr axis (default {LR_KEY})")
+    parser.add_argument("--instabilities", action="store_true", help="dir is experiment=instabilities' sweep")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error():
@@ -48,8 +54,11 @@ def main() -> None:
             lr_sweep_table(args.dir, args.lr_sweep)
         if args.ablation:
             ablation_table(args.dir, args.ablation, args.baseline, args.alpha, args.best_lr_from)
+        if args.instabilities:
+            instability_table(args.dir)
     print((args.dir / SUMMARY_FILES[1]).read_text(), end="")
-    for wrote, files in ((args.lr_sweep, LR_FILES), (args.ablation, ABLATION_FILES)):
+    tables = ((args.lr_sweep, LR_FILES), (args.ablation, ABLATION_FILES), (args.instabilities, INSTABILITY_FILES))
+    for wrote, files in tables:
         if wrote:
             print("\n" + (args.dir / files[0]).read_text(), end="")
 

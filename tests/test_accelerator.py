@@ -134,16 +134,18 @@ def test_cuda_fast_path_trains_compiled_in_bf16_and_checkpoints_clean_keys(compo
 def test_bench_times_every_candidate_and_prints_the_ratios(tmp_path):
     cmd = [  # a data dir of its own: the bench prepares the data first, as on a fresh machine
         sys.executable, "scripts/bench.py", "model=tiny", "model.n_layer=1", "data.batch_size=2", "data.seq_len=32",
-        "bench.rounds=2", "bench.steps=1", "bench.warmup_steps=1", f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.run.dir={tmp_path}",
+        "bench.rounds=2", "bench.steps=1", "bench.warmup_steps=1", "train.monitor_every_n_steps=2",
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    labels = ("(a) Lightning step", "(b) plain PyTorch loop", "(c) HF GPT2LMHeadModel", "(c0) HF as shipped", "(d) Li")
+    labels = ("(a) Lightning step", "(b) plain PyTorch loop", "(c) HF GPT2LMHeadModel", "(c0) HF as shipped", "(d) Li",
+              "(e) Lightning step + instruments")  # fmt: skip
     for label in labels:
         row = next(line for line in lines if line.startswith(label))
         tokens_per_sec, step_ms, mfu = row.split()[-3:]
         assert float(tokens_per_sec.replace(",", "")) > 0 and float(step_ms) > 0 and 0 < float(mfu.rstrip("%")) <= 100
     ratios = next(line for line in lines if line.startswith("(a)/(b)"))
-    assert [part.split("=")[0].strip() for part in ratios.split("   ")] == ["(a)/(b)", "(a)/(c)", "(d)/(c0)"]
+    assert [part.split("=")[0].strip() for part in ratios.split("   ")] == ["(a)/(b)", "(a)/(c)", "(d)/(c0)", "(e)/(a)"]
+    assert any(line.startswith("stability instruments every 2 steps: ") for line in lines)

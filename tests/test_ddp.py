@@ -10,6 +10,7 @@ DDP = ["accelerator.devices=2", "++trainer.strategy=ddp"]
 # 30% val: 2 global batches of 2 ranks × B × T
 # fp32 on every CPU: the comparison below is of float32 sums in two orders (bf16 rounding would swamp it)
 COMMON = ["data.prepare.val_fraction=0.3", f"trainer.max_steps={N}", "train.val_every_n_steps=3"]
+COMMON += ["train.monitor_every_n_steps=3"]  # the stability instruments at steps 3 and 6
 COMMON += ["accelerator.precision=32-true", f"train.total_batch_size={2 * 2 * B * T}"]  # 2 micro-batches a step
 
 
@@ -53,6 +54,20 @@ def test_two_ranks_train_and_validate_like_one_process_with_twice_the_batch(runs
     val_single, val_ddp = scalars(runs / "single")["val/loss"], scalars(runs / "ddp")["val/loss"]
     assert [s for s, _ in val_ddp] == [s for s, _ in val_single] and len(val_ddp) == 2
     assert [v for _, v in val_ddp] == pytest.approx([v for _, v in val_single], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_measure_the_stability_instruments_of_the_whole_batch(runs):
+    """Each rank sees half the batch: the largest logits are the max over ranks, log Z the mean, and the
+    gradients and updates (all-reduced) are the whole batch's: as one process with twice the batch measures them."""
+    runs, _ = runs
+    single, ddp = scalars(runs / "single"), scalars(runs / "ddp")
+    tags = sorted(tag for tag in single if tag.startswith("stability/"))
+    assert len(tags) == 4 * 3 + 2 + 2 * 3 and tags == sorted(tag for tag in ddp if tag.startswith("stability/"))
+    for tag in tags:
+        assert [s for s, _ in ddp[tag]] == [s for s, _ in single[tag]] == [3, 6]
+        # float32 sums in another order, as the losses above; a rank's own half would be off by percents
+        assert [v for _, v in ddp[tag]] == pytest.approx([v for _, v in single[tag]], rel=1e-3), tag
 
 
 @pytest.mark.slow

@@ -127,6 +127,8 @@ class TrainSchema:
     lr_scale: float = MISSING
     grad_clip: float | None = MISSING
     on_nonfinite: OnNonFinite = MISSING
+    z_loss: float = MISSING
+    monitor_every_n_steps: int | None = MISSING
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainSchema, package="train")
@@ -203,6 +205,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.val_every_n_steps={cfg.train.val_every_n_steps}: must be >= 1 (it also validates at the last step)"
         )
+    if cfg.train.monitor_every_n_steps is not None and cfg.train.monitor_every_n_steps < 1:
+        raise ConfigError(
+            f"train.monitor_every_n_steps={cfg.train.monitor_every_n_steps}: must be >= 1 (it also monitors the last "
+            "step), or null to turn the stability instruments off"
+        )
+    if cfg.train.z_loss < 0:
+        raise ConfigError(f"train.z_loss={cfg.train.z_loss}: must be >= 0 (e.g. 1e-4, PaLM's), or 0 for off")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}: must be >= 1 optimizer steps")
     if str(cfg.accelerator.precision).startswith("16") and cfg.accelerator.name != "cuda":

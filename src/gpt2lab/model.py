@@ -12,6 +12,8 @@ parameter names and its numbers are GPT-2's.
 """
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         head_size = config.n_embd // config.n_head
+        self.scale = 1 / math.sqrt(head_size)  # softmax(q·kᵀ·scale): 1/√hs (Vaswani et al. 2017), SDPA's own default
         self.q_norm = self.k_norm = self.rotary = None  # GPT-2: none of these
         if config.qk_norm:
             # variant qk_norm=true: RMSNorm on each head's queries and keys, one gain per dimension shared by
@@ -60,6 +63,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm, self.k_norm = nn.RMSNorm(head_size, eps=1e-5), nn.RMSNorm(head_size, eps=1e-5)
         if config.position == "rope":
             self.rotary = Rotary(head_size, config.block_size)  # variant position=rope: see Rotary, below
+        # the largest attention logit of the forwards so far, while GPT.recording_attention_logits is on; else None
+        self.logit_max: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, embedding width
@@ -75,21 +80,33 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, start), self.rotary(k, start)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, start + T, hs): the cached prefix, then these T
+        if self.logit_max is not None:  # a monitored step: its own q and k, before they are used
+            self.logit_max = torch.maximum(self.logit_max, self.largest_logit(q, k, start))
         if self.attention == "sdpa" and start == 0:
-            # softmax(q·kᵀ/√hs + causal mask)·v; flash attention where the backend has it
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            # softmax(q·kᵀ·scale + causal mask)·v; flash attention where the backend has it
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
         else:
             # query i sits at position start + i and sees keys 0..start + i; is_causal would align the
             # mask at the top-left corner instead, as if the queries were the first T positions
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             if self.attention == "sdpa":
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, nh, T, hs)
             else:  # the same in three ops: in bf16 on CPU faster than PyTorch's flash kernel (README, Performance)
-                att = (q @ k.transpose(-2, -1)) * k.size(-1) ** -0.5  # (B, nh, T, start + T)
+                att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, start + T)
                 att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
                 y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
+
+    @torch.no_grad()
+    def largest_logit(self, q: torch.Tensor, k: torch.Tensor, start: int) -> torch.Tensor:
+        """max of q·kᵀ·scale over the positions each query attends to: the logit that saturates the softmax first
+        as it grows (Dehghani et al. 2023; Wortsman et al. 2023). SDPA never materializes the logits, so they are
+        computed once more here: one (B, nh, T, start + T) matmul, freed as soon as its max is taken."""
+        T = q.size(2)
+        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, start + T)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return att.masked_fill_(~mask, float("-inf")).amax()
 
 
 class MLP(nn.Module):
@@ -266,6 +283,21 @@ class GPT(nn.Module):
             # reshape, not view: targets may be a strided slice (seq[:, 1:])
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @contextmanager
+    def recording_attention_logits(self) -> Iterator[Callable[[], torch.Tensor]]:
+        """Within it, each forward keeps every layer's largest attention logit (CausalSelfAttention.largest_logit,
+        on the forward's own q and k, without gradient); yields a function that returns them, (n_layer,): the max
+        over the forwards so far. A training step's micro-batches are recorded together; outside it nothing is
+        computed. Under torch.compile it is a second graph, compiled once."""
+        attentions = [block.attn for block in self.transformer.h]
+        for attention in attentions:
+            attention.logit_max = torch.tensor(float("-inf"), device=self.lm_head.weight.device)
+        try:
+            yield lambda: torch.stack([attention.logit_max for attention in attentions])
+        finally:
+            for attention in attentions:
+                attention.logit_max = None
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied embedding too); non_embedding drops the embeddings that are
