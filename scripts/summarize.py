@@ -16,7 +16,10 @@ best value of the lr axis KEY (train.lr_scale), the final val/loss there ± 95% 
 
 `--instabilities` also writes instabilities.md, instabilities.csv and instabilities.png (experiment=instabilities):
 per learning rate, qk_norm and z_loss, each seed's largest attention logit, final log Z and val/loss, and whether it
-diverged."""
+diverged.
+
+`--mu-transfer` also writes mu_transfer.md, .csv and .png (experiment=mu_transfer): per parametrization and width the
+best optim.lr, and how many grid steps it moves across the widths."""
 
 import argparse
 import logging
@@ -26,6 +29,7 @@ from gpt2lab.ablation import ABLATION_FILES, ablation_table
 from gpt2lab.errors import exit_on_user_error
 from gpt2lab.lr_sweep import LR_FILES, LR_KEY, lr_sweep_table
 from gpt2lab.metrics import unused_token_report
+from gpt2lab.mutransfer import TRANSFER_FILES, transfer_table
 from gpt2lab.stability import INSTABILITY_FILES, instability_table
 from gpt2lab.stats import ALPHA
 from gpt2lab.sweep import SUMMARY_FILES, summarize
@@ -43,6 +47,7 @@ def main() -> None:
     parser.add_argument("--best-lr-from", type=Path, metavar="DIR", help="with --ablation: an lr sweep of its options")
     parser.add_argument("--lr-sweep", nargs="?", const=LR_KEY, metavar="KEY", help=f"the lr axis (default {LR_KEY})")
     parser.add_argument("--instabilities", action="store_true", help="dir is experiment=instabilities' sweep")
+    parser.add_argument("--mu-transfer", action="store_true", help="dir is experiment=mu_transfer's sweep")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error():
@@ -56,8 +61,15 @@ def main() -> None:
             ablation_table(args.dir, args.ablation, args.baseline, args.alpha, args.best_lr_from)
         if args.instabilities:
             instability_table(args.dir)
+        if args.mu_transfer:
+            transfer_table(args.dir)
     print((args.dir / SUMMARY_FILES[1]).read_text(), end="")
-    tables = ((args.lr_sweep, LR_FILES), (args.ablation, ABLATION_FILES), (args.instabilities, INSTABILITY_FILES))
+    tables = (
+        (args.lr_sweep, LR_FILES),
+        (args.ablation, ABLATION_FILES),
+        (args.instabilities, INSTABILITY_FILES),
+        (args.mu_transfer, TRANSFER_FILES),
+    )
     for wrote, files in tables:
         if wrote:
             print("\n" + (args.dir / files[0]).read_text(), end="")
