@@ -195,6 +195,6 @@ def plot(rows: Sequence[Row], path: Path) -> None:
                 ax.set_ylabel("RMS on a fixed batch")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
