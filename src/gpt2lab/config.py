@@ -187,6 +187,13 @@ def check_config(cfg: DictConfig) -> None:
         instantiate(cfg.model)  # GPTConfig checks that the sizes fit together
     except InstantiationException as e:
         raise ConfigError(str(e.__cause__)) from None
+    if cfg.model.parametrization == "mup" and "muon" in cfg.optim:
+        # μP's lr rule (hidden matrices × 1/width) is for AdamW's per-entry update; Muon's orthogonalized update is
+        # already scaled per matrix shape (optim.muon.adjust_lr_fn), and the two would compound
+        raise ConfigError(
+            "optim=muon with model.parametrization=mup: μP's hidden-matrix lr × mup_base_width/n_embd is AdamW's rule, "
+            "and Muon scales its update by matrix shape itself; use optim=adamw with mup, or parametrization=sp"
+        )
     if cfg.model.vocab_size < tokenizer.VOCAB_SIZE:  # the shards hold GPT-2 BPE ids: each needs an embedding row
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.VOCAB_SIZE} ids of GPT-2's BPE, "

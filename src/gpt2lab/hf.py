@@ -24,7 +24,7 @@ TIED = ("transformer.wte.weight", "lm_head.weight")  # one tensor (two with tie_
 HUB_MODELS = {"gpt2": "small", "gpt2-medium": "medium", "gpt2-large": "large", "gpt2-xl": "xl"}
 ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # the GPTConfig fields a checkpoint fixes
 # design switches GPT2LMHeadModel has no place for: only GPT-2's own choice (GPTConfig's default) converts
-GPT2_ONLY = ("position", "norm_placement", "norm", "qk_norm", "activation")
+GPT2_ONLY = ("position", "norm_placement", "norm", "qk_norm", "activation", "parametrization")
 
 
 def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,6 +56,25 @@ def warmup_cosine(step: int, *, warmup_steps: int, min_lr_ratio: float, max_step
     return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
 
 
+def adamw_groups(config: GPTConfig, named: list[tuple[str, torch.nn.Parameter]], lr: float) -> list[dict]:
+    """AdamW's parameter groups for GPT's parameters `named` at the base learning rate lr (optim.lr). Group 0 is
+    at lr: the `lr` logged is its own. A group's "lr" is its initial lr, which the schedule scales (LambdaLR)."""
+    # any parameter that is 2D is weight decayed (matmul weights, embeddings); biases and
+    # LayerNorm gains are not (build-nanogpt)
+    groups = [
+        {"params": [p for _, p in named if p.dim() >= 2]},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if config.parametrization == "mup":
+        # variant parametrization=mup: the blocks' matrices at lr × 1/m, m = n_embd / mup_base_width (μP for Adam:
+        # an update of ~lr per entry moves W·x ∝ fan_in, as the inputs it meets are correlated with it); embeddings,
+        # the readout, biases and norm gains at lr. Weight decay stays AdamW's lr·wd, of each group's own lr
+        hidden = {name for name, p in named if p.dim() == 2 and name.startswith(HIDDEN_LAYERS)}
+        groups[0]["params"] = [p for name, p in named if p.dim() >= 2 and name not in hidden]
+        groups.append({"params": [p for name, p in named if name in hidden], "lr": lr / config.width_mult})
+    return groups
+
+
 @dataclass
 class StepReport:
     """What one optimizer step did, from its owner (GPTModule.training_step): callbacks read it as
@@ -309,13 +328,8 @@ class GPTModule(L.LightningModule):
         # Muon: the hidden layers' matrices (the blocks' attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj weights);
         # embeddings, the output layer, biases and norm gains stay with AdamW (Jordan et al. 2024, modded-nanogpt)
         hidden = {name for name, p in named if make_muon and p.dim() == 2 and name.startswith(HIDDEN_LAYERS)}
-        params = [p for name, p in named if name not in hidden]
-        # any parameter that is 2D is weight decayed (matmul weights, embeddings); biases and
-        # LayerNorm gains are not (build-nanogpt)
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        groups = adamw_groups(self.model.config, [(name, p) for name, p in named if name not in hidden],
+                              make_adamw.keywords["lr"])  # fmt: skip
         # the fused kernel does the update of all parameters in one launch; cuda, cpu and mps have it
         optimizers = [make_adamw(groups, fused=self.device.type in ("cuda", "cpu", "mps"))]
         if make_muon:

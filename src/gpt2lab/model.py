@@ -5,10 +5,15 @@ Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, ...)
 one to one (gpt2lab.hf.load_pretrained reads them); their Conv1D layers store (in, out) where our nn.Linear
 stores (out, in).
 
-Design switches (GPTConfig: position, norm_placement, norm, qk_norm, activation, tie_embeddings) default to
-GPT-2's own choice; each alternative is a branch marked `# variant <switch>=<value>:`, so the GPT-2 path reads
-first and alone (the alternatives' own pieces, sinusoids and Rotary, come last). With the defaults the model, its
+Design switches (GPTConfig: position, norm_placement, norm, qk_norm, activation, tie_embeddings, parametrization)
+default to GPT-2's own choice; each alternative is a branch marked `# variant <switch>=<value>:`, so the GPT-2 path
+reads first and alone (the alternatives' own pieces, sinusoids and Rotary, come last). With the defaults the model, its
 parameter names and its numbers are GPT-2's.
+
+parametrization=mup is μP for Adam (Yang et al. 2022, "Tensor Programs V", arXiv 2203.03466): with the width
+multiplier m = n_embd / mup_base_width, attention scores are scaled 1/hs instead of 1/√hs, the logits × 1/m, the
+blocks' matrices initialized with std × m^-0.5 (init_weights), and their AdamW lr × 1/m (gpt2lab.lit_module); at
+n_embd = mup_base_width it is GPT-2's (sp) exactly. docs/mup.md.
 """
 
 import math
@@ -27,6 +32,7 @@ CHOICES = {
     "norm_placement": ("pre", "post"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu_tanh", "relu2"),
+    "parametrization": ("sp", "mup"),
 }
 
 
@@ -56,6 +62,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         head_size = config.n_embd // config.n_head
         self.scale = 1 / math.sqrt(head_size)  # softmax(q·kᵀ·scale): 1/√hs (Vaswani et al. 2017), SDPA's own default
+        if config.parametrization == "mup":
+            # variant parametrization=mup: 1/hs (μP, Yang et al. 2022): once trained, q and k are correlated
+            # and q·k grows ∝ hs, not √hs. As √hs_base / hs, hs_base = mup_base_width / n_head: 1/√hs, SP's, at the
+            # base width exactly (the factor is then 1.0)
+            self.scale *= math.sqrt(config.mup_base_width // config.n_head / head_size)
         self.q_norm = self.k_norm = self.rotary = None  # GPT-2: none of these
         if config.qk_norm:
             # variant qk_norm=true: RMSNorm on each head's queries and keys, one gain per dimension shared by
@@ -190,6 +201,10 @@ class GPTConfig:
     qk_norm: bool = False  # true: RMSNorm on each head's queries and keys before attention
     activation: str = "gelu_tanh"  # MLP: gelu_tanh | relu2 (relu(x)²)
     tie_embeddings: bool = True  # the output layer is the token embedding; false: lm_head a matrix of its own
+    # sp: GPT-2's (standard) parametrization | mup: μP for Adam (docs/mup.md): the best lr and init found at
+    # mup_base_width carry over to wider models
+    parametrization: str = "sp"
+    mup_base_width: int = 128  # mup: the n_embd at which μP is sp (model=tiny's); width multiplier m = n_embd / this
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -208,11 +223,24 @@ class GPTConfig:
         for name in ("qk_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: must be true or false")
+        if self.parametrization == "mup":
+            base = self.mup_base_width
+            if isinstance(base, bool) or not isinstance(base, int) or base < 1 or base % self.n_head:
+                near = base - base % self.n_head if isinstance(base, int) and base > self.n_head else self.n_head
+                raise ValueError(
+                    f"model.mup_base_width={base!r}: must be a positive integer divisible by model.n_head="
+                    f"{self.n_head} (its head size sets μP's attention scale), e.g. {near} or {near + self.n_head}"
+                )
         # rope rotates pairs of a head's dimensions, sinusoids pair the embedding's
         paired = {"rope": ("n_embd / n_head", self.n_embd // self.n_head), "sinusoidal": ("n_embd", self.n_embd)}
         if self.position in paired and paired[self.position][1] % 2:
             what, size = paired[self.position]
             raise ValueError(f"model.position={self.position} needs an even {what}, got {size}: pick sizes that fit")
+
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m = n_embd / mup_base_width (parametrization=mup)."""
+        return self.n_embd / self.mup_base_width
 
     @property
     def padded_vocab_size(self) -> int:
@@ -277,6 +305,10 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if self.config.norm_placement == "pre":
             x = self.transformer.ln_f(x)
+        if self.config.parametrization == "mup":
+            # variant parametrization=mup: the readout × 1/m (mup's MuReadout / MuSharedReadout, on its input as
+            # there): its matrix keeps SP's init and lr, and once trained, aligned with x, W·x grows ∝ n_embd
+            x = x / self.config.width_mult
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -329,11 +361,19 @@ def init_weights(model: GPT, std: float, scale_residual: bool) -> None:
     With scale_residual, the two projections that write into the residual stream in each block
     (attn.c_proj, mlp.c_proj) get std·(2·n_layer)^-0.5, so the stream's variance does not grow with
     depth: the stream is a sum of 2·n_layer such outputs (GPT-2 paper, section 2.3).
+
+    variant parametrization=mup: the blocks' matrices (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) get a variance
+    ∝ 1/fan_in: std·m^-0.5 on top of the above, m = n_embd / mup_base_width; embeddings and an untied lm_head keep
+    std (μP for Adam, Yang et al. 2022).
     """
-    residual_std = std * (2 * model.config.n_layer) ** -0.5 if scale_residual else std
+    config = model.config
+    residual_std = std * (2 * config.n_layer) ** -0.5 if scale_residual else std
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith("c_proj") else std)
+            module_std = residual_std if name.endswith("c_proj") else std
+            if config.parametrization == "mup" and name.startswith("transformer.h."):
+                module_std *= config.width_mult**-0.5  # variant parametrization=mup: a hidden matrix
+            nn.init.normal_(module.weight, mean=0.0, std=module_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.LayerNorm):
