@@ -57,7 +57,7 @@ def test_mu_transfer_multirun_writes_the_table_and_plot_from_its_runs_own_losses
     for run in run_dirs(sweep_dir):
         config = OmegaConf.load(run / ".hydra" / "config.yaml")
         key = (config.model.parametrization, config.model.n_embd, config.optim.lr)
-        final[key] = scalar_series(read_events(run), "val/loss")[-1][2]
+        final[key] = scalar_series(read_events(run), "val/loss")[-1][1]  # (step, value, wall time)
     table = (sweep_dir / "mu_transfer.md").read_text()
     for parametrization in ("sp", "mup"):
         row = next(line for line in table.splitlines() if line.startswith(f"| {parametrization} |"))
