@@ -14,11 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import yaml
 from conftest import CONF_DIR, ROOT, TINY_RUN, TOKENS_PER_RUN, read_summary, train_script
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
+from hydra.utils import instantiate
 
 from gpt2lab.errors import DataError
 from gpt2lab.metrics import unused_token_report
@@ -217,7 +219,7 @@ def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(tmp_path, data_di
 @pytest.mark.parametrize(
     ("experiment", "swept", "n_layer"),
     [("init_scaling_ablation", {"init": "gpt2,unscaled", "seed": "1337,1338"}, 12),
-     ("scaling_sweep", {"model.n_embd": "64,128,256"}, 4)],
+     ("scaling_sweep", {"model.n_embd": "32,48,64,96,128", "seed": "1337,1338,1339"}, 4)],
 )  # fmt: skip
 def test_research_experiments_are_multiruns_at_a_fixed_token_budget(experiment, swept, n_layer):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -225,3 +227,17 @@ def test_research_experiments_are_multiruns_at_a_fixed_token_budget(experiment, 
     assert cfg.hydra.mode == RunMode.MULTIRUN and dict(cfg.hydra.sweeper.params) == swept
     assert cfg.model.n_layer == n_layer and cfg.model.n_head == 4
     assert cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len == 102_400
+
+
+def test_scaling_sweep_is_five_widths_under_mup_at_one_transferred_lr_within_one_pass_of_the_text(compose_train):
+    """experiment=scaling_sweep: ≥ 5 widths, μP (so the base width's best lr is every width's), seeds, and no run
+    trains on more tokens than Tiny Shakespeare's training split holds (counted in the prepared shard)."""
+    cfg = compose_train("experiment=scaling_sweep", return_hydra_config=True)
+    widths = [int(w) for w in cfg.hydra.sweeper.params["model.n_embd"].split(",")]
+    assert len(widths) >= 5 and cfg.model.parametrization == "mup" and cfg.model.mup_base_width in widths
+    assert len(cfg.hydra.sweeper.params["seed"].split(",")) >= 3
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # Tiny Shakespeare's shards, once per session
+    (shard,) = Path(datamodule.data_dir).glob("train_*.bin")
+    train_tokens = np.fromfile(shard, dtype=np.int32, count=3)[2]  # llm.c's header: magic, version, token count
+    assert cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len <= train_tokens
