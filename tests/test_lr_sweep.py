@@ -113,7 +113,12 @@ def test_sweep_summary_gives_each_config_its_ci_over_seeds_and_welchs_p_against_
             assert float(group["delta"]) == pytest.approx(fmean(values) - fmean(reference), rel=1e-9)
             assert group["significant"] == str(welch_p(values, reference) < 0.05)
     assert groups["ablation=rope,train.lr_scale=2"]["n"] == "0"  # all three diverged: no completed run to compare
+    assert groups["ablation=baseline,train.lr_scale=1"]["p"] == ""  # the reference: no test against itself
     table = (lr_sweep_dir / "summary.md").read_text()
+    assert "| ablation=baseline,train.lr_scale=1 | 3 of 3 |" in table
+    assert next(line for line in table.splitlines() if "| ablation=baseline,train.lr_scale=1 |" in line).endswith(
+        "| – | – | – |"
+    )
     rope = groups["ablation=rope,train.lr_scale=1"]
     assert (
         f"| ablation=rope,train.lr_scale=1 | 3 of 3 | {float(rope['mean']):.4f} ± {float(rope['ci95']):.4f} |" in table

@@ -218,7 +218,8 @@ def summarize_groups(rows: list[RunSummary], alpha: float = ALPHA, reference: st
     summaries = []
     for group, runs in groups.items():
         sample = describe(finals[group]) if finals[group] else None
-        versus = welch(finals[group], finals[reference]) if finals[group] and finals[reference] else None
+        compared = group != reference and finals[group] and finals[reference]  # the reference: no Δ against itself
+        versus = welch(finals[group], finals[reference]) if compared else None
         spread = (sample.mean, sample.sd, sample.ci) if sample else (None,) * 3
         difference = (versus.delta, versus.ci, versus.p, versus.significant(alpha)) if versus else (None,) * 4
         summaries.append(GroupSummary(group, len(runs), len(finals[group]), *spread, *difference))
@@ -334,7 +335,7 @@ def summarize(sweep_dir: str | Path, alpha: float = ALPHA, reference: str | None
     runs_csv, md, png, groups_csv = (sweep_dir / name for name in SUMMARY_FILES)
     write_csv(rows, runs_csv)
     write_csv(groups, groups_csv)
-    md.write_text(markdown_table(rows) + "\n" + markdown_groups(groups, alpha))
+    md.write_text(markdown_table(rows) + "\n" + markdown_groups(groups, alpha, reference or groups[0].group))
     plot_val_loss(rows, curves, png)
     log.info("sweep summary of %d runs: %s", len(rows), ", ".join(str(sweep_dir / f) for f in SUMMARY_FILES))
     return list(rows)
@@ -367,21 +368,21 @@ def markdown_table(rows: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_groups(groups: list[GroupSummary], alpha: float) -> str:
-    """Each group's final val/loss over its seeds and its difference from the first (the reference)."""
+def markdown_groups(groups: list[GroupSummary], alpha: float, reference: str) -> str:
+    """Each group's final val/loss over its seeds and its difference from the reference group."""
 
     def pm(value: float | None, ci: float | None, sign: str = "") -> str:
         if value is None:
             return "–"
         return f"{value:{sign}.4f}" + (f" ± {ci:.4f}" if ci is not None else " (no CI: n = 1)")
 
-    reference = groups[0].group or "all runs"
     lines = [
-        f"| group | completed | final val/loss (± 95% CI) | sd | Δ vs {reference} (± 95% CI) | p (Welch) | p < {alpha:g} |",
+        f"| group | completed | final val/loss (± 95% CI) | sd | Δ vs {reference or 'all runs'} (± 95% CI) | p (Welch) "
+        f"| p < {alpha:g} |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for g in groups:
-        delta = "–" if g is groups[0] else pm(g.delta, g.delta_ci95, "+")
+        delta = "–" if g.group == reference else pm(g.delta, g.delta_ci95, "+")
         p = "–" if g.p is None else f"{g.p:.2g}"
         verdict = "–" if g.significant is None else ("**yes**" if g.significant else "no")
         sd = "–" if g.sd is None else f"{g.sd:.4f}"
