@@ -129,7 +129,7 @@ def fit_law(x: np.ndarray, y: np.ndarray, start: Law | None = None) -> Law:
     else:
         p0 = (start.E, np.log(start.A) - start.alpha * log_ref, start.alpha)
     lower, upper = (0.0, -np.inf, ALPHA_BOUNDS[0]), (np.inf, np.inf, ALPHA_BOUNDS[1])
-    (E, a, alpha), _ = curve_fit(law, log_u, y, p0=np.clip(p0, lower, upper), bounds=(lower, upper))
+    (E, a, alpha), _ = curve_fit(law, log_u, y, p0=np.clip(p0, lower, upper), bounds=(lower, upper), max_nfev=20_000)
     return Law(E=float(E), A=float(np.exp(a + alpha * log_ref)), alpha=float(alpha))
 
 
