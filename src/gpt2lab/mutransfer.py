@@ -159,7 +159,8 @@ def plot(found: list[Transfer], path: Path, lr_key: str) -> None:
                         markersize=3, capsize=3, label=f"width {w}")  # fmt: skip
             ax.plot(g.best.lr, g.best.loss.mean, "o", markersize=10, markerfacecolor="none", color=color)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel=lr_key, title=f"{t.parametrization}: best lr shifts {t.shift} grid steps across widths")
+        steps = f"{t.shift} grid step{'' if t.shift == 1 else 's'}"
+        ax.set(xlabel=lr_key, title=f"{t.parametrization}: best lr shifts {steps} across widths")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
     axes[0][0].set_ylabel("final val/loss (95% CI over seeds)")
