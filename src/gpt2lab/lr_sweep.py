@@ -142,16 +142,22 @@ def cell_text(cell: LrCell) -> str:
     return str(cell.loss) + (f" ({cell.diverged} of {cell.loss.n} diverged)" if cell.diverged else "")
 
 
+CELL_FIELDS = ["n", "diverged", "mean", "sd", "ci95", "best", "sensitivity"]  # a csv row's columns for one cell
+
+
+def cell_fields(group: LrGroup, cell: LrCell) -> list:
+    """One cell's CELL_FIELDS: its runs' statistics, whether it is its group's best lr, the group's sensitivity."""
+    loss = cell.loss
+    return [loss.n, cell.diverged, loss.mean, loss.sd, loss.ci, cell is group.best, group.sensitivity]
+
+
 def write_csv(groups: list[LrGroup], path: Path) -> None:
-    fields = ["group", "lr", "lrs", "n", "diverged", "mean", "sd", "ci95", "best", "sensitivity"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(fields)
+        writer.writerow(["group", "lr", "lrs", *CELL_FIELDS])
         for g in groups:
             for c in g.cells:
-                loss = c.loss
-                row = [g.group, c.lr, c.lrs, loss.n, c.diverged, loss.mean, loss.sd, loss.ci, c is g.best]
-                writer.writerow([*row, g.sensitivity])
+                writer.writerow([g.group, c.lr, c.lrs, *cell_fields(g, c)])
 
 
 def plot(groups: list[LrGroup], path: Path, lr_key: str) -> None:

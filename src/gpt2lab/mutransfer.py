@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2lab.errors import DataError
-from gpt2lab.lr_sweep import LrGroup, cell_text, lr_groups
+from gpt2lab.lr_sweep import CELL_FIELDS, LrGroup, cell_fields, cell_text, lr_groups
 from gpt2lab.sweep import RunResult, run_results
 
 log = logging.getLogger(__name__)
@@ -130,16 +130,13 @@ def markdown(found: list[Transfer], lr_key: str) -> str:
 
 
 def write_csv(found: list[Transfer], path: Path) -> None:
-    fields = ["parametrization", "width", "lr", "n", "diverged", "mean", "sd", "ci95", "best", "sensitivity"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(fields)
+        writer.writerow(["parametrization", "width", "lr", *CELL_FIELDS])
         for t in found:
             for w, g in zip(t.widths, t.groups):
                 for c in g.cells:
-                    loss = c.loss
-                    writer.writerow([t.parametrization, w, c.lr, loss.n, c.diverged, loss.mean, loss.sd, loss.ci,
-                                     c is g.best, g.sensitivity])  # fmt: skip
+                    writer.writerow([t.parametrization, w, c.lr, *cell_fields(g, c)])
 
 
 def plot(found: list[Transfer], path: Path, lr_key: str) -> None:
