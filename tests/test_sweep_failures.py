@@ -2,7 +2,9 @@
 summary's status column) and the multirun goes on to its next run, then exits non-zero saying how many failed; a
 single run raises as before; a second Ctrl-C or a SLURM requeue ends the job as it is."""
 
+import hashlib
 import re
+import shutil
 import subprocess
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,7 +13,7 @@ import matplotlib.image
 import pytest
 from conftest import TINY_RUN, TOKENS_PER_RUN, InjectGradient, read_summary, train_script
 from hydra.types import RunMode
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from gpt2lab import sweep
 from gpt2lab.errors import ConfigError, RunRequeued, RunStopped, RunTerminated
@@ -75,6 +77,34 @@ def test_run_names_stay_the_same_when_the_sweep_runs_again_and_a_config_error_is
     assert [r.name for r in run_dirs(again)] == [r.name for r in run_dirs(first)][::-1]
     statuses = {(r["status"], r["detail"]) for r in read_summary(again)}
     assert statuses == {("failed", "config error: trainer.max_steps=0: must be >= 1 optimizer steps")}
+
+
+def file_digests(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_second_sweep_into_the_same_dir_that_differs_only_in_a_shared_override_leaves_the_first_sweeps_runs_alone(
+    diverging_sweep, tmp_path, data_dir
+):
+    """Both sweeps vary optim.lr only, so their runs of optim.lr=0.001 have one name; the second's shares seed=7."""
+    sweep_dir = shutil.copytree(diverging_sweep[0], tmp_path / "sweep")
+    first = {run.name: file_digests(run) for run in run_dirs(sweep_dir)}
+    second = ("-m", "optim.lr=1e-3,2e-3", "seed=7", *TINY_RUN, f"hydra.sweep.dir={sweep_dir}")
+    done = train_script(*second, data_dir=data_dir, returncode=1)  # the summary is the dir's: the first's stopped run
+    assert done.stderr.splitlines()[-1] == f"1 of 5 runs failed: {sweep_dir / 'summary.md'}"
+    assert f"{sweep_dir / 'optim.lr=0.001'} holds a run of other overrides" in done.stdout + done.stderr
+    done = train_script(*second, data_dir=data_dir, returncode=1)  # again: each run finds its own dir, the one with ~2 too
+    assert "holds a run of other overrides" not in done.stdout + done.stderr
+    runs = {run.name: run for run in run_dirs(sweep_dir)}
+    assert sorted(runs) == [*sorted(first), "optim.lr=0.001~2", "optim.lr=0.002"]
+    assert {name: file_digests(runs[name]) for name in first} == first  # not a byte of the first sweep changed
+    for name in ("optim.lr=0.001~2", "optim.lr=0.002"):
+        assert "seed=7" in (runs[name] / ".hydra" / "overrides.yaml").read_text()
+        assert OmegaConf.load(runs[name] / "resolved_config.yaml").seed == 7
+        assert [s for s, _, _ in scalar_series(read_events(runs[name]), "val/loss")] == [1, 2, 1, 2]  # ran twice
+    assert [r["run"] for r in read_summary(sweep_dir)] == list(runs)  # the summary holds both sweeps' runs
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,13 @@
 resolvers conf/ uses, registered by register_resolvers, which every entry point calls before Hydra composes);
 the schema of `train`, and the checks run on a composed config before any work starts."""
 
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import Enum
+from itertools import count
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -19,6 +22,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 from gpt2lab import tokenizer
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPTConfig, check_attention
+
+log = logging.getLogger(__name__)
 
 
 def slurm_job_id() -> str | None:
@@ -93,10 +98,37 @@ def swept_overrides() -> dict[str, str]:
 def sweep_run_name() -> str:
     """A multirun job's name (hydra.sweep.subdir: its dir, and so its TensorBoard run): what the sweep varies
     (`init=gpt2,optim.lr=0.001`), no job number and no override every job shares, so that the same run keeps its
-    name when the sweep runs again; the job number when nothing varies. "" for a single run or outside Hydra."""
+    name when the sweep runs again; the job number when nothing varies. "" for a single run or outside Hydra.
+
+    Another sweep into the same sweep dir whose jobs differ only in an override they all share (the sweep again with
+    model.parametrization=mup) would get the same names, and overwrite the first sweep's runs: a dir that holds a
+    run of other overrides is not this job's, and the job takes the first free or own of `<name>~2`, `<name>~3`..."""
     if not in_multirun():
         return ""
-    return ",".join(swept_overrides().values()).replace("/", "_") or str(HydraConfig.get().job.num)  # not nested
+    hydra = HydraConfig.get()
+    name = ",".join(swept_overrides().values()).replace("/", "_") or str(hydra.job.num)  # not nested
+    if hydra.output_subdir is None:  # no .hydra/overrides.yaml to tell whose a dir is
+        return name
+    mine = job_identity(hydra.overrides.task)
+    for n in count(1):
+        candidate = name if n == 1 else f"{name}~{n}"
+        recorded = Path(hydra.sweep.dir, candidate, hydra.output_subdir, "overrides.yaml")
+        if recorded.is_file() and job_identity(OmegaConf.load(recorded)) == mine:
+            return candidate  # this run's dir: the sweep runs again, or a requeued job
+        if not recorded.is_file():
+            if n > 1:
+                log.warning("%s holds a run of other overrides: it is left as it is, and this run goes to %s",
+                            Path(hydra.sweep.dir, name), candidate)  # fmt: skip
+            return candidate
+    raise AssertionError("unreachable: count() does not end")
+
+
+def job_identity(overrides: Sequence[str]) -> frozenset[str]:
+    """What makes two multirun jobs the same run: their overrides, but for where they read and write
+    (hydra.job.config.override_dirname.exclude_keys: the paths, and ckpt_path, so that a job resumes in its dir)."""
+    excluded = set(HydraConfig.get().job.config.override_dirname.exclude_keys)
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return frozenset(o.input_line for o in parsed if o.key_or_group not in excluded)
 
 
 def register_resolvers() -> None:
