@@ -95,15 +95,19 @@ def test_a_second_sweep_into_the_same_dir_that_differs_only_in_a_shared_override
     done = train_script(*second, data_dir=data_dir, returncode=1)  # the summary is the dir's: the first's stopped run
     assert done.stderr.splitlines()[-1] == f"1 of 5 runs failed: {sweep_dir / 'summary.md'}"
     assert f"{sweep_dir / 'optim.lr=0.001'} holds a run of other overrides" in done.stdout + done.stderr
-    done = train_script(*second, data_dir=data_dir, returncode=1)  # again: each run finds its own dir, the one with ~2 too
+    # again: each run finds its own dir, the one with ~2 too
+    done = train_script(*second, data_dir=data_dir, returncode=1)
     assert "holds a run of other overrides" not in done.stdout + done.stderr
+    # resumed one step further: each continues its own run, the one whose overrides are closest (not the first's)
+    train_script(*second, "ckpt_path=last", "trainer.max_steps=3", data_dir=data_dir, returncode=1)
     runs = {run.name: run for run in run_dirs(sweep_dir)}
     assert sorted(runs) == [*sorted(first), "optim.lr=0.001~2", "optim.lr=0.002"]
     assert {name: file_digests(runs[name]) for name in first} == first  # not a byte of the first sweep changed
     for name in ("optim.lr=0.001~2", "optim.lr=0.002"):
         assert "seed=7" in (runs[name] / ".hydra" / "overrides.yaml").read_text()
         assert OmegaConf.load(runs[name] / "resolved_config.yaml").seed == 7
-        assert [s for s, _, _ in scalar_series(read_events(runs[name]), "val/loss")] == [1, 2, 1, 2]  # ran twice
+        steps = [s for s, _, _ in scalar_series(read_events(runs[name]), "val/loss")]
+        assert steps == [1, 2, 1, 2, 3]  # ran twice, then resumed from its step 2
     assert [r["run"] for r in read_summary(sweep_dir)] == list(runs)  # the summary holds both sweeps' runs
 
 

@@ -102,7 +102,8 @@ def sweep_run_name() -> str:
 
     Another sweep into the same sweep dir whose jobs differ only in an override they all share (the sweep again with
     model.parametrization=mup) would get the same names, and overwrite the first sweep's runs: a dir that holds a
-    run of other overrides is not this job's, and the job takes the first free or own of `<name>~2`, `<name>~3`..."""
+    run of other overrides is not this job's, and the job takes the first free or own of `<name>~2`, `<name>~3`...
+    A job resuming (ckpt_path) with another override changed too continues the run whose overrides are closest."""
     if not in_multirun():
         return ""
     hydra = HydraConfig.get()
@@ -110,17 +111,23 @@ def sweep_run_name() -> str:
     if hydra.output_subdir is None:  # no .hydra/overrides.yaml to tell whose a dir is
         return name
     mine = job_identity(hydra.overrides.task)
+    taken: dict[str, frozenset[str]] = {}  # name: its run's overrides, for a run of other overrides
     for n in count(1):
         candidate = name if n == 1 else f"{name}~{n}"
         recorded = Path(hydra.sweep.dir, candidate, hydra.output_subdir, "overrides.yaml")
-        if recorded.is_file() and job_identity(OmegaConf.load(recorded)) == mine:
-            return candidate  # this run's dir: the sweep runs again, or a requeued job
         if not recorded.is_file():
-            if n > 1:
-                log.warning("%s holds a run of other overrides: it is left as it is, and this run goes to %s",
-                            Path(hydra.sweep.dir, name), candidate)  # fmt: skip
-            return candidate
-    raise AssertionError("unreachable: count() does not end")
+            break
+        theirs = job_identity(OmegaConf.load(recorded))
+        if theirs == mine:
+            return candidate  # this run's dir: the sweep runs again, or a requeued job
+        taken[candidate] = theirs
+    if taken and any(line.startswith("ckpt_path=") for line in hydra.overrides.task):
+        # ckpt_path=last with another change (trainer.max_steps=…): the run it resumes shares the most overrides
+        return min(taken, key=lambda other: len(taken[other] ^ mine))
+    if taken:
+        log.warning("%s holds a run of other overrides: it is left as it is, and this run goes to %s",
+                    Path(hydra.sweep.dir, name), candidate)  # fmt: skip
+    return candidate
 
 
 def job_identity(overrides: Sequence[str]) -> frozenset[str]:
