@@ -1,6 +1,7 @@
 """scripts/gpu_check.py on a CPU at tiny sizes, the same code path a GPU box runs: each part under its limit, a failing
 part recorded without losing the others, the recipe's steps as its TensorBoard logged them; and the 24 GB recipe."""
 
+import json
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from test_train import scalars
 
 from gpt2lab.data.datamodule import micro_batches_per_step
-from gpt2lab.gpu_check import check, run_command
+from gpt2lab.gpu_check import busy_seconds, check, run_command
 
 # the recipe's code path at tiny sizes, in fp32 (numbers are compared): 2 micro-batches a step, as on a GPU
 TINY = [
@@ -51,7 +52,8 @@ def failing_check(tmp_path_factory, data_dir):
     up after 1 s); the recipe runs after them, in this process."""
     out_dir = tmp_path_factory.mktemp("check")
     return out_dir, *run_check(out_dir, data_dir, *TINY, "gpu_check.tests.args=[--no-such-option]",
-                               "gpu_check.bench.timeout_s=1")  # fmt: skip
+                               "gpu_check.bench.timeout_s=1", "trainer.max_steps=4",
+                               "gpu_check.recipe.profile_steps=1")  # fmt: skip
 
 
 def test_a_failing_and_a_timed_out_part_are_recorded_and_the_recipe_still_runs(failing_check):
@@ -74,7 +76,7 @@ def test_recipe_reports_each_step_as_its_tensorboard_logged_it(failing_check):
     out_dir, report, _ = failing_check
     logged = scalars(out_dir / "recipe")
     rows = table(sections(report)["recipe"])
-    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
     # loss, tokens/s and MFU at the report's precision: 4 decimals, whole tokens, 2 decimals of a percent
     assert [float(r[1]) for r in rows] == pytest.approx([v for _, v in logged["train/loss"]], abs=5.1e-5)
     assert [float(r[3].replace(",", "")) for r in rows] == pytest.approx(
@@ -82,12 +84,34 @@ def test_recipe_reports_each_step_as_its_tensorboard_logged_it(failing_check):
     )
     mfu = [v for _, v in logged["perf/mfu"]]
     assert [float(r[4].rstrip("%")) / 100 for r in rows] == pytest.approx(mfu, abs=5.1e-5)
-    assert [r[5] for r in rows] == ["–"] * 3  # no CUDA allocator to ask
+    assert [r[5] for r in rows] == ["–"] * 4  # no CUDA allocator to ask
     summary = {row[0]: row[4] for row in table(sections(report)["Parts"])}["recipe"]
     (_, val_loss), = logged["val/loss"]  # fmt: skip
-    assert f"val/loss {val_loss:.4f} after step 3" in summary
-    assert f"loss {rows[0][1]} → {rows[2][1]}" in summary
+    assert f"val/loss {val_loss:.4f} after step 4" in summary
+    assert f"loss {rows[0][1]} → {rows[3][1]}" in summary
     assert "B=2 × T=32 × 2 micro-batches" in sections(report)["recipe"]
+
+
+def test_recipe_profiles_the_step_before_its_last_and_leaves_both_out_of_the_medians(failing_check):
+    out_dir, report, _ = failing_check
+    recipe = sections(report)["recipe"]
+    assert "Step 3 under torch.profiler: " in recipe and "no GPU kernels (not CUDA)" in recipe
+    trace = json.loads((out_dir / "profile_steps_3-3.json").read_text())["traceEvents"]
+    # one optimizer step in the window (torch's optimizers mark each step), its matmuls among the ops
+    assert sum(e.get("name", "").startswith("Optimizer.step#AdamW.step") for e in trace) == 1
+    assert re.search(r"^\s*aten::(addmm|mm|bmm|matmul)\s", recipe, re.MULTILINE)
+    rows = table(recipe)
+    summary = {row[0]: row[4] for row in table(sections(report)["Parts"])}["recipe"]
+    assert summary.startswith(f"{rows[1][3]} tokens/s")  # the median of step 2 alone: 3 was profiled, 4 does more
+
+
+def test_gpu_busy_time_is_the_union_of_its_kernels_and_copies():
+    events = [  # µs, as a chrome trace writes them: two streams overlapping, a copy, host work that does not count
+        {"cat": "kernel", "ts": 0, "dur": 10}, {"cat": "kernel", "ts": 5, "dur": 10},
+        {"cat": "kernel", "ts": 20, "dur": 10}, {"cat": "gpu_memcpy", "ts": 29, "dur": 2},
+        {"cat": "cpu_op", "ts": 0, "dur": 100}, {"cat": "kernel", "ts": 40}, {"ph": "M", "name": "process_name"},
+    ]  # fmt: skip
+    assert busy_seconds(events) == pytest.approx((15 + 11) * 1e-6)
 
 
 def test_recipe_past_its_limit_is_stopped_and_the_steps_it_made_are_reported(tmp_path, data_dir):

@@ -4,6 +4,7 @@ runs out of time is recorded and the next one runs. One markdown report, gpu_che
 so that a check killed from outside still leaves what it measured."""
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, open_dict
+from torch.profiler import ProfilerActivity, profile
 
 from gpt2lab.errors import user_error_message
 from gpt2lab.train import train
@@ -91,6 +93,80 @@ class StepRecorder(L.Callback):
             mfu=float(logged["perf/mfu"]) if "perf/mfu" in logged else None,
             peak_memory=torch.cuda.max_memory_allocated(pl_module.device) if cuda else None,
         ))  # fmt: skip
+
+
+class StepProfiler(L.Callback):
+    """torch.profiler over the optimizer steps `first`..`last` of a run (late ones: compiled and warmed up):
+    its chrome trace, the ops that took the most of the device's time (the CPU's off CUDA), and how busy the GPU
+    was, the union of its kernels' and copies' intervals over the steps' wall time: below 100%, it waited for the
+    host (launch overhead, a host sync, the data), the first thing to look at for MFU."""
+
+    def __init__(self, first: int, last: int, out_dir: Path, rows: int = 15):
+        self.first, self.last, self.out_dir, self.rows = first, last, out_dir, rows
+        self.profiler: profile | None = None
+        self.trace: Path | None = None
+        self.table = ""
+        self.started = 0.0  # perf_counter() at the first profiled step's start
+        self.wall_s = self.busy_s = None  # busy_s stays None without CUDA kernels
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step + 1 != self.first:  # the optimizer step about to run
+            return
+        cuda = pl_module.device.type == "cuda"
+        self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+        if cuda:
+            torch.cuda.synchronize(pl_module.device)  # the window holds these steps' kernels and no earlier ones
+        self.profiler.start()
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.profiler is None or outputs["report"].step != self.last:
+            return
+        cuda = pl_module.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(pl_module.device)
+        self.wall_s = time.perf_counter() - self.started
+        self.profiler.stop()
+        self.trace = self.out_dir / f"profile_steps_{self.first}-{self.last}.json"
+        self.profiler.export_chrome_trace(str(self.trace))
+        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+        self.table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=self.rows)
+        if cuda:
+            self.busy_s = busy_seconds(json.loads(self.trace.read_text())["traceEvents"])
+        self.profiler = None
+
+    @property
+    def steps(self) -> str:
+        return f"Step {self.last}" if self.first == self.last else f"Steps {self.first}–{self.last}"
+
+    def markdown(self) -> str:
+        if self.trace is None:
+            return f"{self.steps}: not profiled, the run did not reach step {self.last}."
+        busy = (
+            f"the GPU was busy {self.busy_s / self.wall_s:.1%} of {1000 * self.wall_s:.1f} ms of wall time "
+            f"({1000 * self.busy_s:.1f} ms of kernels and copies)"
+            if self.busy_s is not None
+            else f"{1000 * self.wall_s:.1f} ms of wall time, no GPU kernels (not CUDA)"
+        )
+        return (
+            f"{self.steps} under torch.profiler: {busy}. Trace (chrome://tracing, Perfetto): "
+            f"{self.trace.name}. The ops with the most time of their own:\n\n{fenced(self.table.strip())}"
+        )
+
+
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace's categories of what occupies the GPU
+
+
+def busy_seconds(events: list[dict]) -> float:
+    """The time covered by at least one GPU kernel, copy or memset in a chrome trace's events (µs timestamps):
+    the union of their intervals, so that kernels overlapping on two streams count once."""
+    intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK and "dur" in e)
+    total, end = 0.0, float("-inf")
+    for start, stop in intervals:
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e6
 
 
 @contextlib.contextmanager
@@ -188,17 +264,21 @@ def bench_command(cfg: DictConfig, root: Path, out_dir: Path) -> list[str]:
     return [sys.executable, str(root / "scripts" / "bench.py"), *overrides]
 
 
-def run_recipe(part: Part, cfg: DictConfig) -> None:
-    """train(cfg) in this process with a StepRecorder; the steps recorded are reported even when it fails."""
+def run_recipe(part: Part, cfg: DictConfig, out_dir: Path) -> None:
+    """train(cfg) in this process with a StepRecorder and a StepProfiler of its last steps; the steps recorded are
+    reported even when it fails."""
     with open_dict(cfg):
         for name in cfg.gpu_check.recipe.without_callbacks:
             cfg.callbacks.pop(name, None)
     recorder = StepRecorder()
+    # the steps just before the last, which also validates, samples, monitors and saves: steady, compiled steps
+    last = max(1, cfg.trainer.max_steps - 1)
+    profiler = StepProfiler(max(1, last - cfg.gpu_check.recipe.profile_steps + 1), last, out_dir)
     start = time.perf_counter()
     error = None
     try:
         with time_limit(part.limit_s):
-            val_loss = train(cfg, callbacks=[recorder])
+            val_loss = train(cfg, callbacks=[recorder, profiler])
     # any failure is this part's result, recorded, and the check goes on; SystemExit: RunStopped, a run that stopped
     # itself (a non-finite loss)
     except (Exception, SystemExit) as e:  # noqa: BLE001
@@ -210,22 +290,24 @@ def run_recipe(part: Part, cfg: DictConfig) -> None:
     else:
         part.status = "timed out" if isinstance(error, TimeLimitExceeded) else "failed"
         outcome = user_error_message(error) or f"{type(error).__name__}: {error}".strip()
-    part.summary = "; ".join([*recipe_figures(steps), outcome])
+    part.summary = "; ".join([*recipe_figures(steps, profiler), outcome])
     acc = cfg.accelerator  # as train() resolved it
     part.details = (
         f"{recorder.shape or 'Training did not start'}; precision {acc.precision}, compile {acc.compile}, "
-        f"attention {acc.attention}. Run dir {cfg.paths.output_dir}\n\n{step_table(steps)}\n"
+        f"attention {acc.attention}. Run dir {cfg.paths.output_dir}\n\n{step_table(steps)}\n\n{profiler.markdown()}"
     )
     if error is not None and not isinstance(error, TimeLimitExceeded):
         lines = "".join(traceback.format_exception(error))
         part.details += f"\nIt failed:\n\n{fenced(tail(lines, OUTPUT_LINES // 2))}"
 
 
-def recipe_figures(steps: list[StepRecord]) -> list[str]:
-    """Medians over the steps after the first (which compiles and warms up), and the first step's extra time."""
-    if len(steps) < 2:
+def recipe_figures(steps: list[StepRecord], profiler: StepProfiler) -> list[str]:
+    """Medians over the steps after the first (which compiles and warms up) and before the profiled ones (slowed by
+    the profiler; the last step after them does more), the first step's extra time, and how busy the GPU was in the
+    profiled steps."""
+    later = [s for s in steps[1:] if s.step < profiler.first] or steps[1:]  # a run too short to leave any out
+    if not later:
         return [f"{len(steps)} step(s) recorded"]
-    later = steps[1:]
 
     def median(values):
         values = [v for v in values if v is not None]
@@ -241,6 +323,7 @@ def recipe_figures(steps: list[StepRecord]) -> list[str]:
         f"peak memory {peak / 2**30:.2f} GiB" if peak is not None else "peak memory n/a (not CUDA)",
         f"compile + warm-up {steps[0].time - step_time:.1f} s",
         f"loss {steps[0].loss:.4f} → {steps[-1].loss:.4f}",
+        *([f"GPU busy {profiler.busy_s / profiler.wall_s:.1%} (profiled)"] if profiler.busy_s is not None else []),
     ]
 
 
@@ -339,7 +422,7 @@ def check(cfg: DictConfig, root: Path, out_dir: Path, overrides: list[str]) -> t
             elif name == "bench":
                 run_subprocess_part(part, bench_command(cfg, root, out_dir), root, out_dir)
             else:
-                run_recipe(part, cfg)
+                run_recipe(part, cfg, out_dir)
         state = "done"
     finally:
         write(state)
