@@ -105,6 +105,20 @@ def test_recipe_profiles_the_step_before_its_last_and_leaves_both_out_of_the_med
     assert summary.startswith(f"{rows[1][3]} tokens/s")  # the median of step 2 alone: 3 was profiled, 4 does more
 
 
+def test_a_profile_that_cannot_be_saved_is_reported_and_the_recipe_still_passes(tmp_path, data_dir):
+    in_the_way = tmp_path / "profile_steps_2-2.json"  # where the trace goes: a directory that is not empty
+    in_the_way.mkdir()
+    (in_the_way / "kept").touch()
+    overrides = [*TINY, "gpu_check.recipe.profile_steps=1", "gpu_check.skip=[tests,bench]"]
+    report, passed = run_check(tmp_path, data_dir, *overrides)
+    assert passed
+    assert (
+        f"Step 2: profiling failed (OSError: torch.profiler wrote no trace at {in_the_way})"
+        in sections(report)["recipe"]
+    )
+    assert [int(r[0]) for r in table(sections(report)["recipe"])] == [1, 2, 3]
+
+
 def test_gpu_busy_time_is_the_union_of_its_kernels_and_copies():
     events = [  # µs, as a chrome trace writes them: two streams overlapping, a copy, host work that does not count
         {"cat": "kernel", "ts": 0, "dur": 10}, {"cat": "kernel", "ts": 5, "dur": 10},

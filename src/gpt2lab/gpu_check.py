@@ -108,38 +108,58 @@ class StepProfiler(L.Callback):
         self.table = ""
         self.started = 0.0  # perf_counter() at the first profiled step's start
         self.wall_s = self.busy_s = None  # busy_s stays None without CUDA kernels
+        self.error: str | None = None  # why profiling failed
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         if trainer.global_step + 1 != self.first:  # the optimizer step about to run
             return
         cuda = pl_module.device.type == "cuda"
-        self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
-        if cuda:
-            torch.cuda.synchronize(pl_module.device)  # the window holds these steps' kernels and no earlier ones
-        self.profiler.start()
-        self.started = time.perf_counter()
+        with self.recording_failure():
+            self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+            if cuda:
+                torch.cuda.synchronize(pl_module.device)  # the window holds these steps' kernels and no earlier ones
+            self.profiler.start()
+            self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.profiler is None or outputs["report"].step != self.last:
             return
         cuda = pl_module.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(pl_module.device)
-        self.wall_s = time.perf_counter() - self.started
-        self.profiler.stop()
-        self.trace = self.out_dir / f"profile_steps_{self.first}-{self.last}.json"
-        self.profiler.export_chrome_trace(str(self.trace))
-        sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-        self.table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=self.rows)
-        if cuda:
-            self.busy_s = busy_seconds(json.loads(self.trace.read_text())["traceEvents"])
+        with self.recording_failure():
+            if cuda:
+                torch.cuda.synchronize(pl_module.device)
+            self.wall_s = time.perf_counter() - self.started
+            self.profiler.stop()
+            trace = self.out_dir / f"profile_steps_{self.first}-{self.last}.json"
+            self.profiler.export_chrome_trace(str(trace))
+            if not trace.is_file():  # torch logs a failed write and goes on
+                raise OSError(f"torch.profiler wrote no trace at {trace}")
+            sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+            self.table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=self.rows)
+            if cuda:
+                self.busy_s = busy_seconds(json.loads(trace.read_text())["traceEvents"])
+            self.trace = trace
         self.profiler = None
+
+    @contextlib.contextmanager
+    def recording_failure(self) -> Iterator[None]:
+        """A profiler that cannot start or save (no CUPTI on the box, a full disk) is reported; the run goes on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  the recipe's own figures do not depend on the profile
+            self.error = f"{type(e).__name__}: {e}"
+            if self.profiler is not None:
+                with contextlib.suppress(Exception):
+                    self.profiler.stop()
+            self.profiler = None
 
     @property
     def steps(self) -> str:
         return f"Step {self.last}" if self.first == self.last else f"Steps {self.first}–{self.last}"
 
     def markdown(self) -> str:
+        if self.error is not None:
+            return f"{self.steps}: profiling failed ({self.error}); the figures above do not depend on it."
         if self.trace is None:
             return f"{self.steps}: not profiled, the run did not reach step {self.last}."
         busy = (
