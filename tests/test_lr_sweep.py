@@ -102,6 +102,10 @@ def test_sweep_summary_gives_each_config_its_ci_over_seeds_and_welchs_p_against_
         groups = {g["group"]: g for g in csv.DictReader(f)}
     reference = finals(lr_sweep_dir, "baseline", 1)
     assert next(iter(groups)) == "ablation=baseline,train.lr_scale=1"  # the first job's: each key's first value
+    # two groups are tested against the reference (rope × 2 has no completed run): Holm's m = 2, by hand
+    p = {o: welch_p(finals(lr_sweep_dir, *o), reference) for o in (("baseline", 2), ("rope", 1))}
+    low, high = sorted(p.values())
+    holm = {o: min(1, 2 * low) if value == low else max(min(1, 2 * low), high) for o, value in p.items()}
     for option, scale in (("baseline", 1), ("baseline", 2), ("rope", 1)):
         group, values = groups[f"ablation={option},train.lr_scale={scale}"], finals(lr_sweep_dir, option, scale)
         low, high = scipy_stats.t.interval(0.95, 2, loc=fmean(values), scale=scipy_stats.sem(values))
@@ -111,7 +115,8 @@ def test_sweep_summary_gives_each_config_its_ci_over_seeds_and_welchs_p_against_
         if (option, scale) != ("baseline", 1):
             assert float(group["p"]) == pytest.approx(welch_p(values, reference), rel=1e-9)
             assert float(group["delta"]) == pytest.approx(fmean(values) - fmean(reference), rel=1e-9)
-            assert group["significant"] == str(welch_p(values, reference) < 0.05)
+            assert float(group["p_holm"]) == pytest.approx(holm[option, scale], rel=1e-9)
+            assert group["significant"] == str(holm[option, scale] < 0.05)
     assert groups["ablation=rope,train.lr_scale=2"]["n"] == "0"  # all three diverged: no completed run to compare
     assert groups["ablation=baseline,train.lr_scale=1"]["p"] == ""  # the reference: no test against itself
     table = (lr_sweep_dir / "summary.md").read_text()
@@ -145,8 +150,15 @@ def test_ablation_table_compares_options_at_the_default_lr_and_at_each_ones_best
     assert rows["rope"].best_lrs == "optim.lr=0.0006"
     assert rows["rope"].best_delta == pytest.approx(fmean(rope) - fmean(base[best]), rel=1e-9)
     assert rows["rope"].best_p == pytest.approx(welch_p(rope, base[best]), rel=1e-9)
+    # one option against the baseline: Holm's m = 1 leaves each p as it is; the baseline is not tested against itself
+    assert (at_default.p_holm, rows["rope"].best_p_holm) == (at_default.p, rows["rope"].best_p)
+    assert at_default.significant == (at_default.p < 0.05)
+    assert (rows["baseline"].p, rows["baseline"].p_holm, rows["baseline"].best_p) == (None, None, None)
     table = (lr_sweep_dir / "ablation.md").read_text()  # also written by the experiment's own Hydra callback
-    assert f"{at_default.delta:+.4f} ± {at_default.delta_ci95:.4f} | {at_default.p:.2g} |" in table
+    assert (
+        f"{at_default.delta:+.4f} ± {at_default.delta_ci95:.4f} | {at_default.p:.2g} | {at_default.p_holm:.2g} |"
+        in table
+    )
     assert (lr_sweep_dir / "ablation.png").stat().st_size > 10_000
 
 
@@ -195,4 +207,4 @@ def test_summarize_script_writes_and_prints_the_lr_sweep_and_the_ablation_at_a_g
     out = capsys.readouterr().out
     for name in ("summary.md", "lr_sensitivity.md", "ablation.md"):
         assert (lr_sweep_dir / name).read_text() in out
-    assert "| p < 0.01 |" in (lr_sweep_dir / "ablation.md").read_text().splitlines()[0]
+    assert "| Holm p < 0.01 |" in (lr_sweep_dir / "ablation.md").read_text().splitlines()[0]

@@ -1,13 +1,14 @@
 """The statistics every summary reports, against values worked out here by hand from their textbook formulas: the
 Student-t interval of a mean (n − 1 degrees of freedom), Welch's test (unpooled variances, Welch–Satterthwaite
-degrees of freedom) and Wortsman et al.'s LR sensitivity."""
+degrees of freedom), Holm's adjustment for several options against one baseline and Wortsman et al.'s LR
+sensitivity."""
 
 import math
 
 import pytest
 from scipy import stats as scipy_stats
 
-from gpt2lab.stats import describe, lr_sensitivity, verdict, welch
+from gpt2lab.stats import describe, holm, lr_sensitivity, verdict, welch
 
 T_975_DF2 = 4.302653  # the 97.5% quantile of Student's t with 2 degrees of freedom, from a t table
 
@@ -65,3 +66,13 @@ def test_lr_sensitivity_is_the_mean_shortfall_from_the_best_lr_with_diverged_run
     assert lr_sensitivity(losses, init_loss) == pytest.approx(15.3 / 6)
     assert lr_sensitivity([4.0, 4.0, 4.0], init_loss) == 0  # insensitive: every lr as good as the best
     assert lr_sensitivity([math.inf, 11.0], init_loss) == 0  # nothing trains: every lr is the init loss
+
+
+def test_holm_multiplies_the_kth_smallest_p_by_m_minus_k_plus_1_and_keeps_the_order():
+    # sorted: 0.005 × 4 = 0.02, 0.01 × 3 = 0.03, 0.03 × 2 = 0.06, 0.04 × 1 = 0.04 → raised to 0.06, never below
+    # the one before; None (no test, e.g. the baseline) is not one of the m = 4
+    assert holm([0.01, None, 0.04, 0.03, 0.005]) == pytest.approx([0.03, None, 0.06, 0.06, 0.02])
+    assert holm([0.6, 0.5]) == [1.0, 1.0]  # 0.5 × 2, capped at 1
+    assert holm([0.02]) == [0.02] and holm([None]) == [None] and holm([]) == []
+    # at α = 0.05 all four would pass unadjusted; adjusted, only the two smallest
+    assert [p < 0.05 for p in holm([0.01, 0.04, 0.03, 0.005])] == [True, False, False, True]

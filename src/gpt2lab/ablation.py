@@ -1,9 +1,10 @@
 """Ablations: each option of one config group (e.g. `ablation=rope`) against a baseline option, over seeds.
 `python scripts/summarize.py <sweep dir> --ablation ablation` writes ablation.md, ablation.csv and ablation.png: per
-option its mean final val/loss ± 95% CI over seeds, Δ against the baseline with its 95% CI, Welch's p and the
-verdict at α, at the options' default lr; and, when the sweep also varies the lr (experiment=lr_sensitivity, or an
-lr sweep dir given: --best-lr-from), the same at each option's own best lr. A fixed-lr Δ mixes "this option is
-worse" with "this lr suits it less"; the best-lr Δ compares each at its best (Wortsman et al. 2023)."""
+option its mean final val/loss ± 95% CI over seeds, Δ against the baseline with its 95% CI, Welch's p, that p
+adjusted for the number of options (Holm) and the verdict at α on it, at the options' default lr; and, when the
+sweep also varies the lr (experiment=lr_sensitivity, or an lr sweep dir given: --best-lr-from), the same at each
+option's own best lr. A fixed-lr Δ mixes "this option is worse" with "this lr suits it less"; the best-lr Δ
+compares each at its best (Wortsman et al. 2023)."""
 
 import csv
 import logging
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 
 from gpt2lab.errors import DataError
 from gpt2lab.lr_sweep import LR_KEY, LrCell, lr_groups, lr_of
-from gpt2lab.stats import ALPHA, Difference, describe, welch
+from gpt2lab.stats import ALPHA, Difference, describe, holm, welch
 from gpt2lab.sweep import RunResult, run_results
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class AblationRow:
     delta: float | None  # val_loss − the baseline's
     delta_ci95: float | None  # ± around delta (Welch–Satterthwaite df)
     p: float | None  # Welch's t-test against the baseline, two-sided
-    significant: bool | None  # p < alpha
+    p_holm: float | None = None  # p adjusted over the options of this column (stats.holm)
+    significant: bool | None = None  # p_holm < alpha
     # the same at each option's best lr, when the sweep has an lr axis (LR_KEY): the option's and the baseline's
     best_lr: float | None = None  # train.lr_scale × the option's own lrs
     best_lrs: str | None = None  # those lrs
@@ -43,6 +45,7 @@ class AblationRow:
     best_delta: float | None = None
     best_delta_ci95: float | None = None
     best_p: float | None = None
+    best_p_holm: float | None = None
     best_significant: bool | None = None
 
 
@@ -79,23 +82,29 @@ def ablation_table(
     for option, runs in fixed_runs.items():
         sample = describe(finals[option]) if finals[option] else None
         spread = (sample.mean, sample.ci) if sample else (None, None)
-        versus = welch(finals[option], finals[baseline]) if sample else None
-        rows.append(AblationRow(option, len(runs), len(finals[option]), *spread, *comparison(versus, alpha)))
+        versus = welch(finals[option], finals[baseline]) if sample and option != baseline else None
+        rows.append(AblationRow(option, len(runs), len(finals[option]), *spread, *comparison(versus)))
+    for row, p_holm in zip(rows, holm([r.p for r in rows])):
+        row.p_holm, row.significant = p_holm, below(p_holm, alpha)
     lr_results = run_results(best_lr_from) if best_lr_from is not None else results
     if len({lr_of(r) for r in lr_results}) > 1:
-        add_best_lr(rows, lr_results, group, baseline, alpha)
+        add_best_lr(rows, lr_results, group, baseline)
+        for row, p_holm in zip(rows, holm([r.best_p for r in rows])):
+            row.best_p_holm, row.best_significant = p_holm, below(p_holm, alpha)
     rows.sort(key=lambda r: (r.option != baseline, r.delta is None, r.delta or 0.0))
     write_ablation(rows, sweep_dir, group, alpha)
     return rows
 
 
-def comparison(versus: Difference | None, alpha: float) -> tuple:
-    if versus is None:
-        return None, None, None, None
-    return versus.delta, versus.ci, versus.p, versus.significant(alpha)
+def comparison(versus: Difference | None) -> tuple:
+    return (None, None, None) if versus is None else (versus.delta, versus.ci, versus.p)
 
 
-def add_best_lr(rows: list[AblationRow], results: list[RunResult], group: str, baseline: str, alpha: float) -> None:
+def below(p: float | None, alpha: float) -> bool | None:
+    return None if p is None else p < alpha
+
+
+def add_best_lr(rows: list[AblationRow], results: list[RunResult], group: str, baseline: str) -> None:
     """Fill each row's best-lr columns: its option's best cell of the lr sweep against the baseline's best cell."""
     swept = [r for r in results if r.choices.get(group) is not None]
     best: dict[str, LrCell] = {g.group: g.best for g in lr_groups(swept, group_by=lambda r: r.choices[group])}
@@ -110,28 +119,28 @@ def add_best_lr(rows: list[AblationRow], results: list[RunResult], group: str, b
         row.best_lr, row.best_lrs, row.best_n, row.best_val_loss, row.best_ci95 = (
             cell.lr, cell.lrs, loss.n, loss.mean, loss.ci
         )  # fmt: skip
-        versus = welch(cell.losses, best[baseline].losses)
-        row.best_delta, row.best_delta_ci95, row.best_p, row.best_significant = comparison(versus, alpha)
+        versus = welch(cell.losses, best[baseline].losses) if row.option != baseline else None
+        row.best_delta, row.best_delta_ci95, row.best_p = comparison(versus)
 
 
 def markdown(rows: list[AblationRow], group: str, alpha: float) -> str:
     base = rows[0].option
     best_lr = any(r.best_lr is not None for r in rows)
-    header = f"| {group} | n | final val/loss (± 95% CI) | Δ vs {base} (± 95% CI) | p (Welch) | p < {alpha:g} |"
-    align = "| --- | ---: | ---: | ---: | ---: | --- |"
+    header = f"| {group} | n | final val/loss (± 95% CI) | Δ vs {base} (± 95% CI) | p (Welch) | Holm p "
+    header += f"| Holm p < {alpha:g} |"
+    align = "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
     if best_lr:
-        header += f" best {LR_KEY} | final val/loss there | Δ at each one's best lr | p | p < {alpha:g} |"
-        align += " ---: | ---: | ---: | ---: | --- |"
+        header += f" best {LR_KEY} | final val/loss there | Δ at each one's best lr | p | Holm p "
+        header += f"| Holm p < {alpha:g} |"
+        align += " ---: | ---: | ---: | ---: | ---: | --- |"
     lines = [header, align]
     for r in rows:
         cells = [r.option, f"{r.n}" if r.n == r.runs else f"{r.n} of {r.runs}", pm(r.val_loss, r.ci95)]
-        cells += ["–"] * 3 if r is rows[0] else [pm(r.delta, r.delta_ci95, "+"), p_text(r.p), yes_no(r.significant)]
+        cells += [pm(r.delta, r.delta_ci95, "+"), p_text(r.p), p_text(r.p_holm), yes_no(r.significant)]
         if best_lr:
             cells += [f"{r.best_lr:g}" if r.best_lr is not None else "–", pm(r.best_val_loss, r.best_ci95)]
-            if r is rows[0]:
-                cells += ["–"] * 3
-            else:
-                cells += [pm(r.best_delta, r.best_delta_ci95, "+"), p_text(r.best_p), yes_no(r.best_significant)]
+            cells += [pm(r.best_delta, r.best_delta_ci95, "+"), p_text(r.best_p), p_text(r.best_p_holm),
+                      yes_no(r.best_significant)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
 """The statistics of results repeated over seeds, which every summary reports (sweep, ablation, lr sweep, search):
 a sample's mean, standard deviation and Student-t confidence interval; the difference of two means with Welch's
-t-test (no equal-variance assumption: an option and its baseline need not vary alike over seeds); and the LR
+t-test (no equal-variance assumption: an option and its baseline need not vary alike over seeds), and Holm's
+adjustment when several options are tested against one baseline; and the LR
 sensitivity of Wortsman et al. 2023. scipy computes them (imported when first needed: a training run never loads
 it; it comes with the sweeps extra). With one run there is no spread, so no interval and no
 test: those are None (shown as `–`), never an error."""
@@ -65,6 +66,19 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Difference:
     test = stats.ttest_ind(a, b, equal_var=False)
     low, high = test.confidence_interval(CONFIDENCE)  # with the Welch–Satterthwaite df
     return Difference(delta, float(high - low) / 2, float(test.pvalue))
+
+
+def holm(ps: Sequence[float | None]) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values (Holm 1979) of a family of tests, in their order: the k-th smallest of the
+    m p-values × (m − k + 1), made non-decreasing in that order and at most 1. A verdict `adjusted p < α` for each
+    keeps the chance of even one false "yes" in the family at most α, as m tests at α each do not (9 options
+    against one baseline at 0.05: a 37% chance of a false "yes"). None (no test) is not counted in m and stays None."""
+    tested = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    adjusted, running = list(ps), 0.0
+    for k, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - k) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def verdict(difference: Difference, alpha: float) -> str:

@@ -27,7 +27,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from gpt2lab.config import in_multirun, swept_overrides
 from gpt2lab.errors import DataError, RunRequeued, RunStopped, RunTerminated, user_error_message
 from gpt2lab.metrics import VAL_LOSS
-from gpt2lab.stats import ALPHA, describe, welch
+from gpt2lab.stats import ALPHA, describe, holm, welch
 from gpt2lab.trackers import record_run_end
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,8 @@ class GroupSummary:
     delta: float | None  # mean − the reference group's
     delta_ci95: float | None  # ± around delta (Welch–Satterthwaite df)
     p: float | None  # Welch's t-test, two-sided
-    significant: bool | None  # p < alpha
+    p_holm: float | None = None  # p adjusted over every group compared with the reference (stats.holm)
+    significant: bool | None = None  # p_holm < alpha
 
 
 def group_of(overrides: str) -> str:
@@ -221,8 +222,10 @@ def summarize_groups(rows: list[RunSummary], alpha: float = ALPHA, reference: st
         compared = group != reference and finals[group] and finals[reference]  # the reference: no Δ against itself
         versus = welch(finals[group], finals[reference]) if compared else None
         spread = (sample.mean, sample.sd, sample.ci) if sample else (None,) * 3
-        difference = (versus.delta, versus.ci, versus.p, versus.significant(alpha)) if versus else (None,) * 4
+        difference = (versus.delta, versus.ci, versus.p) if versus else (None,) * 3
         summaries.append(GroupSummary(group, len(runs), len(finals[group]), *spread, *difference))
+    for summary, p_holm in zip(summaries, holm([s.p for s in summaries])):
+        summary.p_holm, summary.significant = p_holm, None if p_holm is None else p_holm < alpha
     return summaries
 
 
@@ -378,15 +381,15 @@ def markdown_groups(groups: list[GroupSummary], alpha: float, reference: str) ->
 
     lines = [
         f"| group | completed | final val/loss (± 95% CI) | sd | Δ vs {reference or 'all runs'} (± 95% CI) | p (Welch) "
-        f"| p < {alpha:g} |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| Holm p | Holm p < {alpha:g} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for g in groups:
         delta = "–" if g.group == reference else pm(g.delta, g.delta_ci95, "+")
-        p = "–" if g.p is None else f"{g.p:.2g}"
+        p, p_holm = ("–" if value is None else f"{value:.2g}" for value in (g.p, g.p_holm))
         verdict = "–" if g.significant is None else ("**yes**" if g.significant else "no")
         sd = "–" if g.sd is None else f"{g.sd:.4f}"
-        cells = [g.group or "all runs", f"{g.n} of {g.runs}", pm(g.mean, g.ci95), sd, delta, p, verdict]
+        cells = [g.group or "all runs", f"{g.n} of {g.runs}", pm(g.mean, g.ci95), sd, delta, p, p_holm, verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
