@@ -136,6 +136,29 @@ SHORT_RUN = ["model=tiny", "accelerator=cpu", "data.seq_len=32", "data.batch_siz
 RESUME_N, RESUME_K = 3, 2
 
 
+def assert_resumes_exactly(variant: list[str], tmp_path: Path, data_dir: Path) -> Path:
+    """A straight RESUME_N-step SHORT_RUN of `variant`, and one resumed in a new run dir from its step-RESUME_K
+    checkpoint: the same losses, gradient norms, learning rates and final weights, bit for bit (validation at the last
+    step only: the final weights hold every state a resume restores: moments, momentum, schedule, the loader's
+    position). Returns the straight run's dir."""
+    from gpt2lab.train import train
+
+    n, k = RESUME_N, RESUME_K
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose_train_in(straight, data_dir, *SHORT_RUN, *variant, f"trainer.max_steps={n}",
+                           f"callbacks.model_checkpoint.every_n_train_steps={k}"))  # fmt: skip
+    ckpt = straight / "checkpoints" / f"step{k:06d}.ckpt"
+    train(compose_train_in(resumed, data_dir, *SHORT_RUN, *variant, f"trainer.max_steps={n}", f"ckpt_path={ckpt}"))
+    for tag in ("train/loss", "train/grad_norm", "lr", "val/loss"):
+        expected = [(s, v) for s, v in scalars(straight)[tag] if s > k]
+        assert scalars(resumed)[tag] == expected and expected, tag
+    final = [torch.load(d / "checkpoints/last.ckpt", weights_only=False) for d in (straight, resumed)]
+    assert final[1]["global_step"] == n
+    for name, weight in final[0]["state_dict"].items():
+        assert torch.equal(final[1]["state_dict"][name], weight), name
+    return straight
+
+
 # --- runs on a small local corpus (data=text) cut into shards: exact resume and data parallel
 
 B, T = 4, 32  # the corpus runs' batch and sequence length

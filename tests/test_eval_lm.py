@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, scalars
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from test_train import scalars
 from torch.nn import functional as F
 
 from gpt2lab import hellaswag, tokenizer

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, ROOT, compose_train_in
+from conftest import CONF_DIR, ROOT, compose_train_in, scalars
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_train import scalars
 
 from gpt2lab.data.datamodule import micro_batches_per_step
-from gpt2lab.gpu_check import busy_seconds, check, run_command
+from gpt2lab.gpu_check import StepProfiler, StepRecord, busy_seconds, check, recipe_figures, run_command
 
 # the recipe's code path at tiny sizes, in fp32 (numbers are compared): 2 micro-batches a step, as on a GPU
 TINY = [
@@ -183,3 +182,14 @@ def test_24gb_recipe_is_the_124m_recipe_with_the_same_step_in_32_micro_batches_o
     for key in ("batch_size", "val_batches"):
         del small["data"][key], recipe["data"][key]
     assert small == recipe  # nothing else differs
+
+
+def test_recipe_medians_are_over_the_steps_between_the_first_and_the_profiled_ones(tmp_path):
+    # steps 1..6, 4 and 5 profiled, 6 the last: only 2 and 3 are steady, unprofiled steps; any of the others in the
+    # medians moves them (the first compiles, the profiled ones are slowed, the last validates and saves)
+    rates = {1: 10.0, 2: 1000.0, 3: 1200.0, 4: 300.0, 5: 310.0, 6: 320.0}
+    steps = [StepRecord(step=s, loss=11.0 - s, time=1024 / r, tokens_per_sec=r, mfu=r / 1e4, peak_memory=None)
+             for s, r in rates.items()]  # fmt: skip
+    figures = recipe_figures(steps, StepProfiler(first=4, last=5, out_dir=tmp_path))
+    assert figures[:3] == ["1,100 tokens/s", "MFU 11.0%", f"step {1000 * (1024 / 1000 + 1024 / 1200) / 2:.1f} ms"]
+    assert figures[4] == f"compile + warm-up {1024 / 10 - (1024 / 1000 + 1024 / 1200) / 2:.1f} s"

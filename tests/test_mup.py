@@ -9,7 +9,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from conftest import SHORT_RUN, compose_train_in, scalars
+from conftest import SHORT_RUN, assert_resumes_exactly, compose_train_in, scalars
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
@@ -184,8 +184,6 @@ MUP = ["model.parametrization=mup", "model.mup_base_width=64"]
 
 
 def test_mup_checkpoint_resumes_exactly_samples_as_mup_and_is_refused_by_hf_export(tmp_path, data_dir):
-    from test_variants import assert_resumes_exactly
-
     run_dir = assert_resumes_exactly(MUP, tmp_path, data_dir)
     model = load_model(str(run_dir), None, tmp_path).eval()  # as scripts/sample.py, HellaSwag and eval_lm load it
     assert model.config == instantiate(compose_train_in(tmp_path, data_dir, *SHORT_RUN, *MUP).model)

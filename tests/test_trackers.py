@@ -11,13 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import compose_train_in
+from conftest import TINY_RUN, compose_train_in, train_script
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-from test_sweeps import TINY_RUN, train_script
 from wandb.proto import wandb_internal_pb2
 
 from gpt2lab.errors import RunStopped

@@ -4,11 +4,10 @@ bit and load for sampling. GPT-2's defaults stay guarded by test_model.py (Huggi
 (the golden loss curve). optim=muon: test_muon.py, and its exact resume here (variant "modern")."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import RESUME_K, RESUME_N, SHORT_RUN, compose_train_in, scalars
+from conftest import SHORT_RUN, assert_resumes_exactly, compose_train_in
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from torch import nn
@@ -20,7 +19,6 @@ from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.hf import export_hf
 from gpt2lab.model import GPT, GPTConfig, KVCache, Rotary, init_weights
 from gpt2lab.sample import generate
-from gpt2lab.train import train
 
 SMALL = dict(block_size=32, vocab_size=101, n_layer=2, n_head=4, n_embd=64)
 SWITCHES = {  # each switch set to its alternative to GPT-2's choice
@@ -256,28 +254,7 @@ VARIANTS = {
     ],
     "original": ["model.position=sinusoidal", "model.norm_placement=post", "model.tie_embeddings=false"],
 }
-# RESUME_N optimizer steps, and the periodic checkpoint at RESUME_K a resumed run starts from; validation at the
-# last step only (SHORT_RUN): the final weights hold every state a resume restores (moments, momentum, schedule, the
-# loader's position)
-N, K, RUN = RESUME_N, RESUME_K, SHORT_RUN
-
-
-def assert_resumes_exactly(variant: list[str], tmp_path: Path, data_dir: Path) -> Path:
-    """A straight N-step run, and one resumed in a new run dir from its step-K checkpoint: the same losses,
-    gradient norms, learning rates and final weights, bit for bit. Returns the straight run's dir."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(compose_train_in(straight, data_dir, *RUN, *variant, f"trainer.max_steps={N}",
-                           f"callbacks.model_checkpoint.every_n_train_steps={K}"))  # fmt: skip
-    ckpt = straight / "checkpoints" / f"step{K:06d}.ckpt"
-    train(compose_train_in(resumed, data_dir, *RUN, *variant, f"trainer.max_steps={N}", f"ckpt_path={ckpt}"))
-    for tag in ("train/loss", "train/grad_norm", "lr", "val/loss"):
-        expected = [(s, v) for s, v in scalars(straight)[tag] if s > K]
-        assert scalars(resumed)[tag] == expected and expected, tag
-    final = [torch.load(d / "checkpoints/last.ckpt", weights_only=False) for d in (straight, resumed)]
-    assert final[1]["global_step"] == N
-    for name, weight in final[0]["state_dict"].items():
-        assert torch.equal(final[1]["state_dict"][name], weight), name
-    return straight
+RUN = SHORT_RUN
 
 
 @pytest.mark.slow
