@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gpt2lab.accelerator import resolve_accelerator
 from gpt2lab.config import register_resolvers
+from gpt2lab.train import train
 
 register_resolvers()  # as every entry point does before Hydra composes
 
@@ -141,19 +142,18 @@ def assert_resumes_exactly(variant: list[str], tmp_path: Path, data_dir: Path) -
     checkpoint: the same losses, gradient norms, learning rates and final weights, bit for bit (validation at the last
     step only: the final weights hold every state a resume restores: moments, momentum, schedule, the loader's
     position). Returns the straight run's dir."""
-    from gpt2lab.train import train
-
-    n, k = RESUME_N, RESUME_K
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(compose_train_in(straight, data_dir, *SHORT_RUN, *variant, f"trainer.max_steps={n}",
-                           f"callbacks.model_checkpoint.every_n_train_steps={k}"))  # fmt: skip
-    ckpt = straight / "checkpoints" / f"step{k:06d}.ckpt"
-    train(compose_train_in(resumed, data_dir, *SHORT_RUN, *variant, f"trainer.max_steps={n}", f"ckpt_path={ckpt}"))
+    train(compose_train_in(straight, data_dir, *SHORT_RUN, *variant, f"trainer.max_steps={RESUME_N}",
+                           f"callbacks.model_checkpoint.every_n_train_steps={RESUME_K}"))  # fmt: skip
+    ckpt = straight / "checkpoints" / f"step{RESUME_K:06d}.ckpt"
+    train(
+        compose_train_in(resumed, data_dir, *SHORT_RUN, *variant, f"trainer.max_steps={RESUME_N}", f"ckpt_path={ckpt}")
+    )
     for tag in ("train/loss", "train/grad_norm", "lr", "val/loss"):
-        expected = [(s, v) for s, v in scalars(straight)[tag] if s > k]
+        expected = [(s, v) for s, v in scalars(straight)[tag] if s > RESUME_K]
         assert scalars(resumed)[tag] == expected and expected, tag
     final = [torch.load(d / "checkpoints/last.ckpt", weights_only=False) for d in (straight, resumed)]
-    assert final[1]["global_step"] == n
+    assert final[1]["global_step"] == RESUME_N
     for name, weight in final[0]["state_dict"].items():
         assert torch.equal(final[1]["state_dict"][name], weight), name
     return straight

@@ -254,7 +254,6 @@ VARIANTS = {
     ],
     "original": ["model.position=sinusoidal", "model.norm_placement=post", "model.tie_embeddings=false"],
 }
-RUN = SHORT_RUN
 
 
 @pytest.mark.slow
@@ -262,7 +261,7 @@ RUN = SHORT_RUN
 def test_variant_trains_resumes_exactly_and_samples_the_same_with_the_cache(tmp_path, data_dir, variant):
     run_dir = assert_resumes_exactly(VARIANTS[variant], tmp_path, data_dir)
     model = load_model(str(run_dir), None, tmp_path).eval()  # as scripts/sample.py and HellaSwag load it
-    assert model.config == instantiate(compose_train_in(tmp_path, data_dir, *RUN, *VARIANTS[variant]).model)
+    assert model.config == instantiate(compose_train_in(tmp_path, data_dir, *SHORT_RUN, *VARIANTS[variant]).model)
     assert model.config != GPTConfig(**{k: getattr(model.config, k) for k in SMALL})  # not GPT-2's
     prompt = torch.tensor([[50256, 464, 1110]])
     draws = [generate(model, prompt, 12, generator=torch.Generator().manual_seed(1), kv_cache=c) for c in (1, 0)]
